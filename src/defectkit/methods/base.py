@@ -1,0 +1,140 @@
+"""The estimator contract every method follows.
+
+A method's constructor only stores settings; ``fit`` learns from good images and
+returns ``self``; ``score`` returns image scores and anomaly maps at each input's
+own resolution. Learned state lives in attributes ending in ``_`` and travels to
+and from a model file through ``learned_state`` / ``load_learned_state`` as plain
+arrays, so loading a model never runs code.
+
+Images are ``numpy`` arrays, ``uint8``, shape ``(H, W, 3)``, RGB (see
+``defectkit.data.images``). Sizes may differ between images.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from defectkit.errors import ConfigError, ImageError
+
+Image = np.ndarray
+
+
+@dataclass
+class ScoreResult:
+    """What ``score`` returns: one score and one map per input image.
+
+    ``scores[i]`` is higher for more anomalous images; ``maps[i]`` has the shape
+    ``(H_i, W_i)`` of input ``i``. ``extras`` carries method-specific evidence
+    (e.g. the nearest good patch of a memory-bank method), one entry per image.
+    """
+
+    scores: np.ndarray
+    maps: list[np.ndarray]
+    extras: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class AnomalyModel(ABC):
+    """Base class of every anomaly-detection method.
+
+    >>> from defectkit.methods import get_method
+    >>> model = get_method("patchcore")(coreset_ratio=0.05)  # doctest: +SKIP
+    >>> model.fit(good_images).score(new_images).scores      # doctest: +SKIP
+    """
+
+    #: registry name, e.g. ``"patchcore"``
+    name: ClassVar[str] = ""
+    #: one-line summary shown by ``defectkit methods``
+    summary: ClassVar[str] = ""
+
+    @abstractmethod
+    def fit(self, images: Sequence[Image]) -> AnomalyModel:
+        """Learn what good looks like from ``images``; return ``self``."""
+
+    @abstractmethod
+    def score(self, images: Sequence[Image]) -> ScoreResult:
+        """Score ``images``; needs a fitted model."""
+
+    # -- settings -------------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """Constructor settings, read back from attributes of the same name."""
+        sig = inspect.signature(type(self).__init__)
+        return {
+            name: getattr(self, name)
+            for name, p in sig.parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Refuse unknown setting names before any work starts."""
+        sig = inspect.signature(cls.__init__)
+        known = {n for n in sig.parameters if n != "self"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(
+                f"method {cls.name!r} has no setting(s) {unknown}; known: {sorted(known)}"
+            )
+
+    # -- learned state ----------------------------------------------------------
+    @abstractmethod
+    def learned_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and JSON-able values that make up the fitted model."""
+
+    @abstractmethod
+    def load_learned_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+        """Inverse of ``learned_state``; must not trust its input blindly."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return any(k.endswith("_") and not k.startswith("_") for k in vars(self))
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise ConfigError(f"{type(self).__name__} is not fitted: call fit() first")
+
+
+def check_images(images: Sequence[Image], *, min_count: int = 1) -> list[Image]:
+    """Validate images passed to the Python API; name the index of a bad one."""
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object:
+        images = [images]
+    out: list[Image] = []
+    for i, img in enumerate(images):
+        where = f"image #{i}"
+        if not isinstance(img, np.ndarray):
+            raise ImageError(where, f"expected a numpy array, got {type(img).__name__}")
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+            raise ImageError(where, f"expected shape (H, W, 3), got {img.shape}")
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        elif img.shape[2] == 4:
+            img = img[:, :, :3]
+        if img.shape[0] < 8 or img.shape[1] < 8:
+            raise ImageError(where, f"image too small: {img.shape[1]}x{img.shape[0]} (min 8x8)")
+        if img.dtype != np.uint8:
+            if not np.issubdtype(img.dtype, np.number):
+                raise ImageError(where, f"unsupported dtype {img.dtype}")
+            if not np.all(np.isfinite(img)):
+                raise ImageError(where, "contains NaN or infinite values")
+            if np.issubdtype(img.dtype, np.floating):
+                if img.min() < 0 or img.max() > 1:
+                    raise ImageError(where, "float images must lie in [0, 1]")
+                img = np.round(img * 255).astype(np.uint8)
+            elif img.dtype == np.uint16:
+                img = (img // 257).astype(np.uint8)
+            else:
+                raise ImageError(where, f"unsupported dtype {img.dtype}")
+        out.append(np.ascontiguousarray(img))
+    if len(out) < min_count:
+        raise ImageError(None, f"need at least {min_count} image(s), got {len(out)}")
+    return out
