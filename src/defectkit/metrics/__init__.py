@@ -1,0 +1,19 @@
+"""Evaluation metrics: image AUROC / AP / F1, pixel AUROC, AUPRO and a report.
+
+Convention: label 1 = defective, 0 = good; a higher score is more anomalous.
+"""
+
+from defectkit.metrics.evaluate import evaluate, format_table
+from defectkit.metrics.image import f1_max, image_ap, image_auroc, recall_per_type
+from defectkit.metrics.pixel import aupro, pixel_auroc
+
+__all__ = [
+    "aupro",
+    "evaluate",
+    "f1_max",
+    "format_table",
+    "image_ap",
+    "image_auroc",
+    "pixel_auroc",
+    "recall_per_type",
+]
