@@ -1,0 +1,134 @@
+"""Image thresholds: scores become OK/NG decisions at a stated error rate.
+
+From good images alone: the threshold is the conformal quantile of held-out good
+scores for the target false-alarm rate, and the Clopper-Pearson upper bound of
+the false-alarm rate is reported with it. Such a threshold never collapses for
+lack of defective images. With labelled defects, a threshold can instead be set
+for a target miss rate or for the best F1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import beta
+
+from defectkit.errors import ConfigError
+
+
+@dataclass
+class Threshold:
+    """A decision threshold and how it was chosen (stored in the model file)."""
+
+    value: float
+    rule: str  # "false-alarm-rate", "miss-rate", "f1", "manual"
+    target: float | None = None
+    n_good: int = 0
+    n_defect: int = 0
+    false_alarm_rate: float | None = None  # measured on the calibration set
+    false_alarm_upper: float | None = None  # one-sided 95% upper bound
+    miss_rate: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Threshold:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound of a binomial rate with k events in n."""
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    return float(beta.ppf(confidence, k + 1, n - k))
+
+
+def _scores(scores: np.ndarray, what: str) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(s)):
+        # A NaN threshold would pass every part (no score is >= NaN).
+        raise ConfigError(f"{what} scores must be finite; got NaN or infinite values")
+    return s
+
+
+def threshold_for_false_alarm_rate(good_scores: np.ndarray, rate: float) -> Threshold:
+    """Conformal threshold: a new good part scores above it with probability <= rate.
+
+    With n held-out scores, the ceil((n+1)(1-rate))-th smallest is used; when n
+    is too small for the rate, the largest score is used and the bound says how
+    weak that is.
+    """
+    if not 0 < rate < 1:
+        raise ConfigError(f"false-alarm rate must be in (0, 1), got {rate}")
+    s = np.sort(_scores(good_scores, "good"))
+    if len(s) == 0:
+        raise ConfigError("calibration needs at least one good image")
+    n = len(s)
+    rank = min(math.ceil((n + 1) * (1 - rate)), n)
+    value = float(s[rank - 1])
+    value = float(np.nextafter(value, np.inf))  # "defect when score > calibrated max"
+    k = int(np.sum(s >= value))
+    return Threshold(
+        value=value,
+        rule="false-alarm-rate",
+        target=rate,
+        n_good=n,
+        false_alarm_rate=k / n,
+        false_alarm_upper=clopper_pearson_upper(k, n),
+    )
+
+
+def threshold_for_miss_rate(
+    good_scores: np.ndarray, defect_scores: np.ndarray, rate: float
+) -> Threshold:
+    """Highest threshold whose miss rate on the labelled defects is <= rate."""
+    if not 0 <= rate < 1:
+        raise ConfigError(f"miss rate must be in [0, 1), got {rate}")
+    d = np.sort(_scores(defect_scores, "defect"))
+    if len(d) == 0:
+        raise ConfigError("a miss-rate target needs labelled defective images")
+    allowed = math.floor(rate * len(d))
+    value = float(d[allowed])  # at most `allowed` defects score below it
+    g = _scores(good_scores, "good")
+    k = int(np.sum(g >= value))
+    return Threshold(
+        value=value,
+        rule="miss-rate",
+        target=rate,
+        n_good=len(g),
+        n_defect=len(d),
+        false_alarm_rate=k / len(g) if len(g) else None,
+        false_alarm_upper=clopper_pearson_upper(k, len(g)) if len(g) else None,
+        miss_rate=float(np.mean(d < value)),
+    )
+
+
+def threshold_for_f1(good_scores: np.ndarray, defect_scores: np.ndarray) -> Threshold:
+    """Threshold with the best F1 on labelled good and defective images."""
+    g = _scores(good_scores, "good")
+    d = _scores(defect_scores, "defect")
+    if len(d) == 0 or len(g) == 0:
+        raise ConfigError("an F1 target needs both good and defective labelled images")
+    best, value = -1.0, float(d.min())
+    for t in np.unique(np.concatenate([g, d])):
+        tp = np.sum(d >= t)
+        fp = np.sum(g >= t)
+        f1 = 2 * tp / (2 * tp + fp + (len(d) - tp))
+        if f1 > best:
+            best, value = f1, float(t)
+    k = int(np.sum(g >= value))
+    return Threshold(
+        value=value,
+        rule="f1",
+        n_good=len(g),
+        n_defect=len(d),
+        false_alarm_rate=k / len(g),
+        false_alarm_upper=clopper_pearson_upper(k, len(g)),
+        miss_rate=float(np.mean(d < value)),
+    )
