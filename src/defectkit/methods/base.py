@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +23,8 @@ import numpy as np
 from defectkit.errors import ConfigError, ImageError
 
 Image = np.ndarray
+#: progress callback: (stage, done, total)
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""Resizing images to the network's input, keeping the aspect ratio."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+
+def fit_size(
+    height: int, width: int, side: int, multiple: int, keep_aspect: bool
+) -> tuple[int, int]:
+    """Output (h, w) with area about ``side**2``, both multiples of ``multiple``.
+
+    Keeping the aspect ratio matters for parts photographed in both orientations
+    or cut to varying shapes: squashing them to a square changes what a good
+    texture looks like to the network. The ratio is capped at 4:1.
+    """
+    if not keep_aspect:
+        return side, side
+    ratio = min(max(width / height, 0.25), 4.0)
+    h = side / math.sqrt(ratio)
+    w = side * math.sqrt(ratio)
+    return max(multiple, round(h / multiple) * multiple), max(
+        multiple, round(w / multiple) * multiple
+    )
+
+
+def to_tensor(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (1, 3, h, w) in [0, 1], resized with area/linear."""
+    h, w = size
+    interp = cv2.INTER_AREA if h * w < image.shape[0] * image.shape[1] else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (w, h), interpolation=interp)
+    t = torch.from_numpy(resized).permute(2, 0, 1).unsqueeze(0)
+    return t.float().div_(255.0)

@@ -1,0 +1,203 @@
+"""PatchCore (Roth et al., 2022): a memory bank of locally aware patch features
+from good images, subsampled by greedy coreset; a patch's anomaly score is its
+distance to the nearest patch in the bank.
+
+Built from the parts in ``defectkit.methods.parts``: resize (aspect kept),
+pretrained feature extractor, patch embedding, coreset, faiss nearest neighbour,
+map upsampling and smoothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from defectkit.backbones import FeatureExtractor, load_backbone
+from defectkit.errors import ConfigError, ModelFileError
+from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
+from defectkit.methods.parts.coreset import greedy_coreset
+from defectkit.methods.parts.embedding import patch_embedding
+from defectkit.methods.parts.knn import NearestNeighbours
+from defectkit.methods.parts.maps import upsample_map
+from defectkit.methods.parts.resize import fit_size, to_tensor
+
+
+class PatchCore(AnomalyModel):
+    """PatchCore with an offline EfficientNet-Lite backbone.
+
+    >>> model = PatchCore(coreset_ratio=0.02).fit(good_images)   # doctest: +SKIP
+    >>> result = model.score(new_images)                         # doctest: +SKIP
+    >>> result.scores, result.maps[0].shape                      # doctest: +SKIP
+    """
+
+    name = "patchcore"
+    summary = "memory bank of pretrained patch features + nearest neighbour (default, best general)"
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet-lite0",
+        layers: list[str] | None = None,
+        image_size: int = 256,
+        keep_aspect: bool = True,
+        neighbourhood: int = 3,
+        coreset_ratio: float = 0.01,
+        max_bank: int = 20000,
+        sigma: float = 4.0,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = layers
+        self.image_size = image_size
+        self.keep_aspect = keep_aspect
+        self.neighbourhood = neighbourhood
+        self.coreset_ratio = coreset_ratio
+        self.max_bank = max_bank
+        self.sigma = sigma
+        self.batch_size = batch_size
+        self.seed = seed
+        self._extractor: FeatureExtractor | None = None
+        self._index: NearestNeighbours | None = None
+
+    # -- parts ------------------------------------------------------------------
+    def _validate(self) -> None:
+        if not 0 < self.coreset_ratio <= 1:
+            raise ConfigError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
+        if self.max_bank < 1:
+            raise ConfigError(f"max_bank must be >= 1, got {self.max_bank}")
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = load_backbone(self.backbone, self.layers)
+            self.layers = list(self._extractor.layers)
+        return self._extractor
+
+    def _grid_multiple(self) -> int:
+        return max(self.extractor.strides)
+
+    def _embed_batches(
+        self, images: Sequence[Image], progress: Progress | None, stage: str
+    ) -> dict[int, np.ndarray]:
+        """Patch embeddings (h, w, C) per image index, images batched by network size."""
+        multiple = self._grid_multiple()
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            size = fit_size(img.shape[0], img.shape[1], self.image_size, multiple, self.keep_aspect)
+            groups[size].append(i)
+        out: dict[int, np.ndarray] = {}
+        done = 0
+        with torch.inference_mode():
+            for size, idx in groups.items():
+                for start in range(0, len(idx), self.batch_size):
+                    chunk = idx[start : start + self.batch_size]
+                    x = torch.cat([to_tensor(images[i], size) for i in chunk])
+                    emb = patch_embedding(self.extractor(x), self.neighbourhood)
+                    emb = emb.permute(0, 2, 3, 1).contiguous().numpy()
+                    for j, i in enumerate(chunk):
+                        out[i] = emb[j]
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(stage, done, len(images))
+        return out
+
+    # -- contract ---------------------------------------------------------------
+    def fit(self, images: Sequence[Image], progress: Progress | None = None) -> PatchCore:
+        self._validate()
+        images = check_images(images)
+        emb = self._embed_batches(images, progress, "features")
+        dim = next(iter(emb.values())).shape[-1]
+        total = sum(e.shape[0] * e.shape[1] for e in emb.values())
+        feats = np.empty((total, dim), dtype=np.float32)
+        origin = np.empty((total, 3), dtype=np.int32)  # (image, row, col) on the patch grid
+        pos = 0
+        for i in range(len(images)):
+            e = emb.pop(i)
+            h, w = e.shape[:2]
+            feats[pos : pos + h * w] = e.reshape(-1, dim)
+            rows, cols = np.divmod(np.arange(h * w), w)
+            origin[pos : pos + h * w] = np.stack([np.full(h * w, i), rows, cols], axis=1)
+            pos += h * w
+        n_keep = int(min(self.max_bank, max(1, round(total * self.coreset_ratio))))
+        keep = greedy_coreset(
+            feats,
+            n_keep,
+            seed=self.seed,
+            progress=None if progress is None else lambda d, t: progress("coreset", d, t),
+        )
+        self.memory_bank_ = feats[keep]
+        self.bank_origin_ = origin[keep]
+        self.n_train_images_ = len(images)
+        self._index = None
+        return self
+
+    def _nn(self) -> NearestNeighbours:
+        if self._index is None:
+            self._index = NearestNeighbours(self.memory_bank_)
+        return self._index
+
+    def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
+        self._require_fitted()
+        images = check_images(images)
+        emb = self._embed_batches(images, progress, "score")
+        nn_index = self._nn()
+        dim = next(iter(emb.values())).shape[-1] if emb else self.memory_bank_.shape[1]
+        if dim != self.memory_bank_.shape[1]:
+            raise ModelFileError(
+                f"patchcore model: memory bank has {self.memory_bank_.shape[1]} features per "
+                f"patch but backbone {self.backbone!r} layers {self.layers} give {dim}"
+            )
+        scores = np.empty(len(images), dtype=np.float32)
+        maps: list[np.ndarray] = []
+        extras: list[dict[str, Any]] = []
+        for i, img in enumerate(images):
+            e = emb.pop(i)
+            h, w, dim = e.shape
+            dist, nearest = nn_index.search(e.reshape(-1, dim), 1)
+            patch_map = dist[:, 0].reshape(h, w)
+            amap = upsample_map(patch_map, img.shape[:2], self.sigma)
+            maps.append(amap)
+            scores[i] = float(amap.max())
+            worst = int(np.argmax(dist[:, 0]))
+            src = self.bank_origin_[int(nearest[worst, 0])]
+            extras.append(
+                {
+                    "worst_patch": [int(worst // w), int(worst % w)],
+                    "grid": [h, w],
+                    "nearest_good": {
+                        "train_index": int(src[0]),
+                        "grid_row": int(src[1]),
+                        "grid_col": int(src[2]),
+                    },
+                }
+            )
+        return ScoreResult(scores=scores, maps=maps, extras=extras)
+
+    # -- persistence ------------------------------------------------------------
+    def learned_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        self._require_fitted()
+        _ = self.extractor  # resolve default layers so they are saved explicitly
+        return (
+            {"memory_bank": self.memory_bank_, "bank_origin": self.bank_origin_},
+            {"n_train_images": self.n_train_images_, "layers": self.layers},
+        )
+
+    def load_learned_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+        bank = arrays.get("memory_bank")
+        origin = arrays.get("bank_origin")
+        if bank is None or bank.ndim != 2 or bank.dtype != np.float32 or len(bank) == 0:
+            raise ModelFileError("patchcore model: memory_bank missing or malformed")
+        if origin is None or origin.shape != (len(bank), 3):
+            raise ModelFileError("patchcore model: bank_origin missing or malformed")
+        if not np.all(np.isfinite(bank)):
+            raise ModelFileError("patchcore model: memory_bank holds NaN or infinite values")
+        self.memory_bank_ = bank
+        self.bank_origin_ = origin.astype(np.int32)
+        self.n_train_images_ = int(info.get("n_train_images", 0))
+        self._index = None
