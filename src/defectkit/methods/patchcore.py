@@ -42,11 +42,11 @@ class PatchCore(AnomalyModel):
         backbone: str = "efficientnet-lite0",
         layers: list[str] | None = None,
         image_size: int = 256,
-        keep_aspect: bool = True,
+        keep_aspect: bool = False,
         neighbourhood: int = 3,
         coreset_ratio: float = 0.01,
         max_bank: int = 20000,
-        sigma: float = 4.0,
+        sigma: float = 8.0,
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:

@@ -1,0 +1,94 @@
+"""Shared helpers for benchmark scripts: machine description, running CLI
+commands with wall time and peak memory, and writing results into BENCHMARKS.md
+between markers (figures are only ever written by the scripts)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return f"{os.cpu_count()} cores, {cpu}, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_gb: float
+    stdout: str
+    returncode: int
+
+
+def run_cli(args: list[str], stdout_to_devnull: bool = False) -> Run:
+    """Run ``defectkit ARGS`` in a child process; wall time and its peak RSS."""
+    cmd = [sys.executable, "-m", "defectkit.cli", *args]
+    wrapper = [sys.executable, "-c", _RSS_WRAPPER, *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        wrapper,
+        stdout=subprocess.DEVNULL if stdout_to_devnull else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    seconds = time.perf_counter() - t0
+    m = re.search(r"__PEAK_RSS_KB__=(\d+)", proc.stderr)
+    rss = int(m.group(1)) / 1024**2 if m else float("nan")
+    if proc.returncode not in (0, 1):
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return Run(seconds, rss, proc.stdout or "", proc.returncode)
+
+
+# Runs the command as a child and prints the child's peak RSS (ru_maxrss, KiB).
+_RSS_WRAPPER = """
+import resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:])
+print(f"__PEAK_RSS_KB__={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def record(section: str, body: str) -> None:
+    """Replace (or add) the block of ``section`` in BENCHMARKS.md."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\n"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS_MD.write_text(text)

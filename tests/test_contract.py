@@ -1,0 +1,99 @@
+"""The estimator contract, run over every registered method."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectkit.detector import Detector
+from defectkit.errors import ConfigError, ImageError
+from defectkit.methods import AnomalyModel, available_methods, get_method
+
+#: settings that keep each method fast on tiny images; {} when the defaults are fast
+FAST: dict[str, dict] = {"patchcore": {"image_size": 96, "coreset_ratio": 0.1}}
+
+METHODS = sorted(available_methods())
+
+
+def make(name: str) -> AnomalyModel:
+    return get_method(name)(**FAST.get(name, {}))
+
+
+def test_registry_lists_patchcore_with_summary() -> None:
+    methods = available_methods()
+    assert "patchcore" in methods
+    for name, cls in methods.items():
+        assert cls.name == name
+        assert cls.summary, f"{name} needs a one-line summary"
+
+
+def test_unknown_method_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"unknown method 'nope'.*patchcore"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_constructor_only_stores_settings(name: str) -> None:
+    model = make(name)
+    assert not model.is_fitted
+    params = model.get_params()
+    assert get_method(name)(**params).get_params() == params
+    with pytest.raises(ConfigError, match="no setting"):
+        get_method(name).check_params({"not_a_setting": 1})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fit_score_contract(name: str, surface_set: dict) -> None:
+    model = make(name)
+    with pytest.raises(ConfigError, match="not fitted"):
+        model.score(surface_set["good"])
+    assert model.fit(surface_set["train"]) is model
+    assert model.is_fitted
+    images = surface_set["good"] + surface_set["bad"]
+    result = model.score(images)
+    assert result.scores.shape == (len(images),)
+    assert np.all(np.isfinite(result.scores))
+    for img, amap in zip(images, result.maps, strict=True):
+        assert amap.shape == img.shape[:2]
+        assert np.all(np.isfinite(amap))
+    good, bad = result.scores[:6], result.scores[6:]
+    assert bad.mean() > good.mean(), "defective images must score higher on average"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_maps_follow_each_input_size(name: str, surface_set: dict) -> None:
+    model = make(name).fit(surface_set["train"])
+    odd = [surface_set["good"][0][:80, :60], np.ascontiguousarray(surface_set["good"][1][:, :, 0])]
+    result = model.score(odd)
+    assert result.maps[0].shape == (80, 60)
+    assert result.maps[1].shape == (96, 112)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_deterministic_and_save_load_round_trip(name: str, surface_set: dict, tmp_path) -> None:
+    images = surface_set["good"] + surface_set["bad"]
+    a = make(name).fit(surface_set["train"])
+    b = make(name).fit(surface_set["train"])
+    ra, rb = a.score(images), b.score(images)
+    np.testing.assert_array_equal(ra.scores, rb.scores)
+    det = Detector(a)
+    det.save(tmp_path / "m.dkm")
+    loaded = Detector.load(tmp_path / "m.dkm")
+    assert type(loaded.model) is type(a)
+    rl = loaded.model.score(images)
+    np.testing.assert_allclose(rl.scores, ra.scores, rtol=1e-6, atol=1e-7)
+    for m1, m2 in zip(ra.maps, rl.maps, strict=True):
+        np.testing.assert_allclose(m1, m2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bad_arrays_are_refused_with_the_index(name: str, surface_set: dict) -> None:
+    model = make(name).fit(surface_set["train"])
+    bad_nan = surface_set["good"][0].astype(np.float32) / 255
+    bad_nan[0, 0, 0] = np.nan
+    with pytest.raises(ImageError, match=r"#1.*NaN"):
+        model.score([surface_set["good"][0], bad_nan])
+    with pytest.raises(ImageError, match="too small"):
+        model.score([np.zeros((4, 4, 3), np.uint8)])
+    with pytest.raises(ImageError, match="shape"):
+        model.score([np.zeros((10, 10, 5), np.uint8)])
