@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect as pyinspect
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,6 +26,11 @@ from rich.table import Table
 
 from defectkit import __version__
 from defectkit.errors import DefectkitError
+
+# Spinning OpenMP threads collapse throughput (to ~2 images/s) when another
+# process shares the cores, as on a line PC; passive waiting costs ~15% when idle.
+# Set before torch is first imported (all heavy imports below are lazy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     add_completion=False,
