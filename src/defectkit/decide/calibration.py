@@ -5,6 +5,11 @@ scores for the target false-alarm rate, and the Clopper-Pearson upper bound of
 the false-alarm rate is reported with it. Such a threshold never collapses for
 lack of defective images. With labelled defects, a threshold can instead be set
 for a target miss rate or for the best F1.
+
+The pixel threshold, where anomaly maps are cut into defect regions, is also
+calibrated on good images alone: see :func:`pixel_threshold_for_false_regions`.
+Both thresholds live in the model file's JSON (never inside an exported graph),
+so ``defectkit calibrate`` can change them without refitting.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta
 
+from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
+from defectkit.decide.regions import count_regions
 from defectkit.errors import ConfigError
 
 
@@ -131,4 +138,100 @@ def threshold_for_f1(good_scores: np.ndarray, defect_scores: np.ndarray) -> Thre
         false_alarm_rate=k / len(g),
         false_alarm_upper=clopper_pearson_upper(k, len(g)),
         miss_rate=float(np.mean(d < value)),
+    )
+
+
+# ---------------------------------------------------------------- pixel threshold
+
+
+@dataclass
+class PixelThreshold:
+    """Where anomaly maps are cut into defect regions (stored in the model file)."""
+
+    value: float
+    rule: str = "false-regions"  # "false-regions" or "manual"
+    target: float | None = None  # allowed regions per good image
+    min_area_px: int = DEFAULT_MIN_AREA  # smaller components are specks, dropped
+    n_good: int = 0
+    false_regions_per_image: float | None = None  # measured on the calibration maps
+    good_pixel_quantile: float | None = None  # share of calibration pixels below value
+    capped: bool = False  # lowered to the image threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PixelThreshold:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+#: candidate thresholds: the q-quantiles of good pixels for 1 - q = 10^-1 ... 10^-7
+_LOG_TAIL = np.arange(1.0, 7.0001, 0.05)
+#: good pixels sampled for the quantiles (exact below this many)
+_MAX_POOLED = 4_000_000
+
+
+def _pooled_sample(maps: list[np.ndarray]) -> np.ndarray:
+    total = sum(m.size for m in maps)
+    step = max(1, math.ceil(total / _MAX_POOLED))
+    return np.concatenate([np.asarray(m, np.float32).ravel()[::step] for m in maps])
+
+
+def pixel_threshold_for_false_regions(
+    good_maps: list[np.ndarray],
+    max_regions_per_image: float = DEFAULT_MAX_FALSE_REGIONS,
+    *,
+    min_area: int = DEFAULT_MIN_AREA,
+    cap: float | None = None,
+) -> PixelThreshold:
+    """Pixel threshold from the maps of held-out good images.
+
+    Rule: candidates are high quantiles of the good pixels (1 - q from 10^-7 up
+    to 10^-1 in steps of 10^0.05, then upwards from the largest good pixel). The
+    threshold is the lowest candidate at which, and at every higher candidate, the
+    good images have on average at most ``max_regions_per_image`` regions of at
+    least ``min_area`` pixels. Region counts are not monotone in the threshold (a
+    region can split in two as it rises), hence "and every higher". With
+    ``cap`` (the image threshold), the value is lowered to it if above, so that an
+    image whose score (its map's maximum) passes the image threshold has a region.
+    """
+    if not max_regions_per_image >= 0 or not math.isfinite(max_regions_per_image):
+        raise ConfigError(
+            f"false regions per good image must be a number >= 0, got {max_regions_per_image}"
+        )
+    if min_area < 1:
+        raise ConfigError(f"minimum region area must be >= 1 pixel, got {min_area}")
+    if not good_maps:
+        raise ConfigError("pixel calibration needs the map of at least one good image")
+    maps = [np.asarray(m) for m in good_maps]
+    for m in maps:
+        _scores(m, "good pixel")
+    pooled = np.sort(_pooled_sample(maps))
+    top = float(np.nextafter(np.float32(pooled[-1]), np.float32(np.inf)))
+    candidates = [top]
+    for k in _LOG_TAIL[::-1]:
+        q = 1.0 - 10.0 ** (-k)
+        if q * len(pooled) < len(pooled) - 1:  # the quantile is not just the maximum
+            candidates.append(float(np.quantile(pooled, q, method="higher")))
+    candidates = sorted(set(candidates), reverse=True)
+    n = len(maps)
+    value, mean = top, 0.0
+    for t in candidates:
+        m = sum(count_regions(a, t, min_area) for a in maps) / n
+        if m > max_regions_per_image:
+            break
+        value, mean = t, m
+    capped = cap is not None and value > cap
+    if capped:
+        value = float(cap)
+        mean = sum(count_regions(a, value, min_area) for a in maps) / n
+    return PixelThreshold(
+        value=value,
+        rule="false-regions",
+        target=max_regions_per_image,
+        min_area_px=int(min_area),
+        n_good=n,
+        false_regions_per_image=mean,
+        good_pixel_quantile=float(np.searchsorted(pooled, value, "left") / len(pooled)),
+        capped=bool(capped),
     )
