@@ -1,8 +1,10 @@
 """A detector is what a model file holds: a fitted method, its decision
-threshold and where it came from. It turns scores into OK/NG decisions."""
+thresholds (image and pixel) and where it came from. It turns scores into OK/NG
+decisions and anomaly maps into defect regions."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -12,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from defectkit import __version__
-from defectkit.decide.calibration import Threshold, threshold_for_false_alarm_rate
+from defectkit.decide.calibration import (
+    PixelThreshold,
+    Threshold,
+    pixel_threshold_for_false_regions,
+    threshold_for_false_alarm_rate,
+)
+from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
+from defectkit.decide.regions import Region, locate_regions
+from defectkit.decide.severity import SeverityRules
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods import AnomalyModel, ScoreResult, get_method
 from defectkit.methods.base import Image, Progress
@@ -47,9 +57,11 @@ class Detector:
         model: AnomalyModel,
         threshold: Threshold | None = None,
         info: dict[str, Any] | None = None,
+        pixel_threshold: PixelThreshold | None = None,
     ) -> None:
         self.model = model
         self.threshold = threshold
+        self.pixel_threshold = pixel_threshold
         self.info = dict(info or {})
 
     @classmethod
@@ -64,36 +76,64 @@ class Detector:
         calibration_images: Sequence[Image] | None = None,
         seed: int = 0,
         progress: Progress | None = None,
+        paths: Sequence[str | os.PathLike[str]] | None = None,
+        calibration_paths: Sequence[str | os.PathLike[str]] | None = None,
+        max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
+        min_region_area: int = DEFAULT_MIN_AREA,
     ) -> Detector:
-        """Fit ``method`` on good images and calibrate its threshold on good images
-        held out from fitting (or on ``calibration_images`` when given)."""
+        """Fit ``method`` on good images and calibrate its thresholds on good images
+        held out from fitting (or on ``calibration_images`` when given).
+
+        The image threshold is set for ``false_alarm_rate``; the pixel threshold
+        for at most ``max_false_regions`` regions (of ``min_region_area`` pixels or
+        more) per good image, capped at the image threshold. ``paths`` (one per
+        image) are recorded so that evidence can name the training image of a
+        memory-bank patch.
+        """
         model_cls = get_method(method)
         params = dict(params or {})
         model_cls.check_params(params)
         model = model_cls(**params)
+        if paths is not None and len(paths) != len(images):
+            raise ConfigError(f"{len(paths)} paths for {len(images)} images; give one per image")
         if calibration_images is None:
             fit_idx, cal_idx = split_for_calibration(len(images), calibration_fraction, seed)
             fit_set = [images[i] for i in fit_idx]
             cal_set = [images[i] for i in cal_idx]
+            fit_paths = None if paths is None else [paths[i] for i in fit_idx]
+            cal_paths = None if paths is None else [paths[i] for i in cal_idx]
         else:
             fit_set, cal_set = list(images), list(calibration_images)
+            fit_paths = None if paths is None else list(paths)
+            cal_paths = None if calibration_paths is None else list(calibration_paths)
         if not fit_set:
             raise ConfigError("no good images to fit on")
         t0 = time.perf_counter()
         model.fit(fit_set, progress=progress)
         fit_s = time.perf_counter() - t0
-        threshold = None
+        threshold = pixel_threshold = None
         if cal_set:
-            cal_scores = model.score(cal_set, progress=progress).scores
-            threshold = threshold_for_false_alarm_rate(cal_scores, false_alarm_rate)
-        info = {
+            cal = model.score(cal_set, progress=progress)
+            threshold = threshold_for_false_alarm_rate(cal.scores, false_alarm_rate)
+            pixel_threshold = pixel_threshold_for_false_regions(
+                cal.maps, max_false_regions, min_area=min_region_area, cap=threshold.value
+            )
+        info: dict[str, Any] = {
             "n_fit_images": len(fit_set),
             "n_calibration_images": len(cal_set),
             "fit_seconds": round(fit_s, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
         }
-        return cls(model, threshold, info)
+        if fit_paths is not None:
+            # in fit order: a memory-bank method's train index points into this list
+            info["fit_images"] = [
+                {"path": os.path.abspath(p), "width": int(im.shape[1]), "height": int(im.shape[0])}
+                for p, im in zip(fit_paths, fit_set, strict=True)
+            ]
+        if cal_paths is not None:
+            info["calibration_images"] = [os.path.abspath(p) for p in cal_paths]
+        return cls(model, threshold, info, pixel_threshold)
 
     # -- use --------------------------------------------------------------------
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
@@ -105,6 +145,75 @@ class Detector:
             return None
         return np.asarray(scores) >= self.threshold.value
 
+    # -- regions and evidence -----------------------------------------------------
+    @property
+    def region_threshold(self) -> float | None:
+        """Where maps are cut into regions: the pixel threshold, never above the
+        image threshold; the image threshold for models without a pixel one."""
+        values = [t.value for t in (self.pixel_threshold, self.threshold) if t is not None]
+        return min(values) if values else None
+
+    @property
+    def min_region_area(self) -> int:
+        return self.pixel_threshold.min_area_px if self.pixel_threshold else DEFAULT_MIN_AREA
+
+    def regions(
+        self,
+        amap: np.ndarray,
+        is_defect: bool | None = None,
+        *,
+        mm_per_pixel: float | None = None,
+        rules: SeverityRules | None = None,
+    ) -> list[Region]:
+        """Defect regions of one map, worst first. An OK image (``is_defect`` False)
+        has none: regions explain an NG decision."""
+        return self.locate_regions(amap, is_defect, mm_per_pixel=mm_per_pixel, rules=rules)[0]
+
+    def locate_regions(
+        self,
+        amap: np.ndarray,
+        is_defect: bool | None = None,
+        *,
+        mm_per_pixel: float | None = None,
+        rules: SeverityRules | None = None,
+    ) -> tuple[list[Region], np.ndarray]:
+        """Like :meth:`regions`, plus the label image (``i + 1`` marks region ``i``)."""
+        thr = self.region_threshold
+        if is_defect is False or thr is None:
+            return [], np.zeros(np.shape(amap), np.int32)
+        return locate_regions(
+            amap, thr, min_area=self.min_region_area, mm_per_pixel=mm_per_pixel, rules=rules
+        )
+
+    def closest_good(self, extra: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The training image and box of the memory-bank patch nearest to the worst
+        patch, from a method's ``nearest_good`` evidence; None when unknown.
+
+        The box is the patch's grid cell scaled to that image's pixels (cell *
+        image size / grid size). The grid of the training image is taken from the
+        evidence when the method gives it, else it is the scored image's grid, which
+        holds when every image is resized to one network size (``keep_aspect`` off).
+        """
+        if not extra or "nearest_good" not in extra:
+            return None
+        ng = extra["nearest_good"] or {}
+        fit_images = self.info.get("fit_images") or []
+        i = ng.get("train_index")
+        if not isinstance(i, int) or not 0 <= i < len(fit_images):
+            return None
+        src = fit_images[i]
+        grid = ng.get("grid")
+        if grid is None and not getattr(self.model, "keep_aspect", False):
+            grid = extra.get("grid")
+        row, col = ng.get("grid_row"), ng.get("grid_col")
+        bbox = None
+        if grid is not None and grid[0] > 0 and grid[1] > 0 and row is not None and col is not None:
+            sy, sx = src["height"] / grid[0], src["width"] / grid[1]
+            x0, y0 = round(col * sx), round(row * sy)
+            x1, y1 = round((col + 1) * sx), round((row + 1) * sy)
+            bbox = [x0, y0, max(1, x1 - x0), max(1, y1 - y0)]
+        return {"path": src["path"], "bbox": bbox}
+
     # -- files ------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         arrays, state = self.model.learned_state()
@@ -113,6 +222,9 @@ class Detector:
             "params": self.model.get_params(),
             "state": state,
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
+            "pixel_threshold": (
+                None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
+            ),
             "provenance": self.info,
         }
         return write_model(
@@ -132,19 +244,53 @@ class Detector:
             model.load_learned_state(arrays, dict(info.get("state") or {}))
             thr = info.get("threshold")
             threshold = None if thr is None else Threshold.from_dict(thr)
+            pthr = info.get("pixel_threshold")
+            pixel_threshold = None if pthr is None else PixelThreshold.from_dict(pthr)
         except ModelFileError as e:
             raise ModelFileError(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise ModelFileError(f"{path}: model description is invalid ({e})") from None
         info_prov = dict(info.get("provenance") or {})
         info_prov["defectkit_version"] = info.get("defectkit_version")
-        return cls(model, threshold, info_prov)
+        return cls(model, threshold, info_prov, pixel_threshold)
 
-    def describe(self) -> dict[str, Any]:
+    def save_decision(self, path: str | Path, out: str | Path | None = None, **note: Any) -> Path:
+        """Write this detector's thresholds into the model file at ``path`` (or a
+        copy at ``out``) without refitting: the file's arrays and everything else
+        it describes stay as they are; ``note`` is appended to its calibration
+        history. Atomic, like every model write."""
+        mf = read_model(path)
+        info = dict(mf.info)
+        if info.get("method") != self.model.name:
+            raise ModelFileError(
+                f"{path}: holds method {info.get('method')!r}, not {self.model.name!r}"
+            )
+        info["threshold"] = None if self.threshold is None else self.threshold.to_dict()
+        info["pixel_threshold"] = (
+            None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
+        )
+        prov = dict(info.get("provenance") or {})
+        history = list(prov.get("calibrations") or [])
+        history.append({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **note})
+        prov["calibrations"] = history
+        info["provenance"] = prov
+        self.info["calibrations"] = history
+        return write_model(path if out is None else out, ModelFile(info=info, arrays=mf.arrays))
+
+    def describe(self, full: bool = False) -> dict[str, Any]:
+        """What the model holds; long path lists are summarised unless ``full``."""
+        info = dict(self.info)
+        if not full:
+            for key in ("fit_images", "calibration_images"):
+                if key in info:
+                    info[key] = f"{len(info[key])} paths (`defectkit info --full` lists them)"
         return {
             "method": self.model.name,
             "params": self.model.get_params(),
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
-            **self.info,
+            "pixel_threshold": (
+                None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
+            ),
+            **info,
             "defectkit_version_running": __version__,
         }
