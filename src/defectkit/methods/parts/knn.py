@@ -4,7 +4,10 @@ Exact search is one matrix product per chunk of queries (``|q|^2 - 2 q.b + |b|^2
 through PyTorch's BLAS). Measured on the 2-core CI machine for 1,080 queries
 against 9,000 x 152 bank rows: 19-31 ms, against 95 ms for faiss'
 ``IndexFlatL2`` (its bundled BLAS is slower here). For banks too large for
-exact search, ``approximate=True`` builds a faiss HNSW graph instead.
+exact search, ``approximate=True`` builds a faiss HNSW graph instead. On
+magnetic-tile (6,900-row bank, 1,024 queries an image) HNSW with M=16 and
+efSearch=16 gave the same image/pixel AUROC and AUPRO as exact search to 1e-4,
+at 5 ms instead of 68 ms an image.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ _CHUNK = 4096
 class NearestNeighbours:
     """L2 nearest neighbours of query rows among ``bank`` rows."""
 
-    def __init__(self, bank: np.ndarray, *, approximate: bool = False, hnsw_m: int = 32) -> None:
+    def __init__(
+        self, bank: np.ndarray, *, approximate: bool = False, hnsw_m: int = 16, ef_search: int = 16
+    ) -> None:
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         if bank.ndim != 2 or len(bank) == 0:
             raise ValueError(f"memory bank must be a non-empty 2-D array, got {bank.shape}")
@@ -29,8 +34,16 @@ class NearestNeighbours:
         self._hnsw: faiss.Index | None = None
         if approximate:
             self._hnsw = faiss.IndexHNSWFlat(bank.shape[1], hnsw_m)
-            self._hnsw.hnsw.efSearch = 64
-            self._hnsw.add(bank)
+            self._hnsw.hnsw.efSearch = ef_search
+            # Parallel insertion makes the graph depend on thread timing; one
+            # thread keeps it (and so every score) identical across runs and
+            # across save/load. ~0.5 s for 10k rows.
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                self._hnsw.add(bank)
+            finally:
+                faiss.omp_set_num_threads(threads)
         else:
             # Centred on the bank mean (distances do not change): the expansion
             # |q|^2 - 2 q.b + |b|^2 loses float32 precision far from the origin,
