@@ -132,13 +132,64 @@ def fit(
     ] = DEFAULT_MIN_AREA,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV image,class,split (paths relative to the CSV; looked up in DATA too): "
+            "the labelled images for --method classifier or --classify-types"
+        ),
+    ] = None,
+    classify_types: Annotated[
+        bool,
+        typer.Option(
+            "--classify-types",
+            help="also fit a defect-type classifier, stored in the same model file, on the "
+            "'train' half of DATA's test/<type> images (or --manifest): NG parts get a type",
+        ),
+    ] = False,
+    classifier_param: Annotated[
+        list[str] | None,
+        typer.Option("--classifier-param", help="classifier setting NAME=VALUE (--classify-types)"),
+    ] = None,
+    defects: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder of a few labelled defective images: semi-supervised re-scoring, "
+            "kept only if it beats the anomaly score on them (cross-validated)"
+        ),
+    ] = None,
 ) -> None:
-    """Learn what good parts look like and write a model file."""
+    """Learn what good parts look like and write a model file.
+
+    With --method classifier: learn defect types from labelled images instead
+    (DATA/<class>/*, --manifest CSV, or an MVTec layout's test/<type> folders).
+    """
+    from defectkit.classify.classifier import CLASSIFIER_METHOD
     from defectkit.data.batches import load_all
     from defectkit.data.datasets import fit_images, list_images
     from defectkit.detector import Detector
     from defectkit.methods import DEFAULT_METHOD, get_method
 
+    manifest = _resolve_manifest(manifest, data)
+    if method == CLASSIFIER_METHOD:
+        extra = [
+            name
+            for name, given in (
+                ("--classify-types", classify_types),
+                ("--classifier-param", bool(classifier_param)),
+                ("--defects", defects is not None),
+                ("--calibration-dir", calibration_dir is not None),
+            )
+            if given
+        ]
+        if extra:
+            raise _fail(f"{', '.join(extra)}: for anomaly methods, not --method classifier")
+        params = _parse_params(param)
+        if backbone is not None:
+            params["backbone"] = backbone
+        params.setdefault("seed", seed)
+        _fit_classifier(data, manifest, out_path, params, quiet)
+        return
     try:
         method = method or DEFAULT_METHOD
         model_cls = get_method(method)
@@ -170,6 +221,17 @@ def fit(
                     f"{len(overlap)} calibration image(s) are also fitted on (e.g. "
                     f"{sorted(overlap)[0]}); calibration images must be held out"
                 )
+        type_items = None
+        classifier_params = _parse_params(classifier_param)
+        if classifier_param and not classify_types:
+            raise _fail("--classifier-param needs --classify-types")
+        if manifest is not None and not classify_types:
+            raise _fail("--manifest is for --method classifier or --classify-types")
+        if classify_types:
+            type_items = _classifier_items(data, manifest)
+            classifier_params.setdefault("seed", seed)
+            _check_classifier_params(classifier_params)
+        defect_paths = _defect_paths(defects, paths, calibration_fraction, calibration_dir)
     except DefectkitError as e:
         raise _fail(str(e)) from None
     t0 = time.perf_counter()
@@ -183,6 +245,11 @@ def fit(
             raise _fail(
                 f"none of the {len(cal_paths)} images under {calibration_dir} could be read"
             )
+    defect_images: list[np.ndarray] | None = None
+    defect_ok: list[Path] | None = None
+    if defect_paths is not None:
+        defect_images, defect_ok, defect_errors = load_all(defect_paths)
+        errors = errors + defect_errors
     for p, problem in errors:
         err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
     if not images:
@@ -202,10 +269,27 @@ def fit(
                 calibration_paths=cal_ok,
                 max_false_regions=max_false_regions,
                 min_region_area=min_region_area,
+                defect_images=defect_images,
+                defect_paths=defect_ok,
             )
+            if type_items is not None:
+                from defectkit.classify.workflow import fit_classifier
+
+                clf, clf_info, clf_errors = fit_classifier(type_items, classifier_params, progress)
+                det.classifier = clf
+                det.info["classifier_data"] = {
+                    "data": str(manifest or data),
+                    "split": _split_note(manifest),
+                    **{k: v for k, v in clf_info.items() if k != "train_images"},
+                }
+                for p, problem in clf_errors:
+                    err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+                errors = errors + clf_errors
         det.info["data"] = str(data)
         if calibration_dir is not None:
             det.info["calibration_data"] = str(calibration_dir)
+        if defects is not None:
+            det.info["defects_data"] = str(defects)
         det.info["n_skipped_files"] = len(errors)
         det.save(out_path)
     except DefectkitError as e:
@@ -232,8 +316,138 @@ def fit(
             f"{'; capped at the image threshold' if pthr.capped else ''})",
             highlight=False,
         )
+    semi = det.info.get("semi_supervised")
+    if semi is not None:
+        verdict = "used" if semi["used"] else "not used (no better than the anomaly score)"
+        err.print(
+            f"semi-supervised re-scoring {verdict}: cross-validated AUROC "
+            f"{semi['labelled_cv_auroc']:.4f} vs {semi['labelled_anomaly_auroc']:.4f} for the "
+            f"anomaly score, on {semi['n_good']} held-out good + {semi['n_defect']} labelled "
+            "defective images",
+            highlight=False,
+        )
+    if det.classifier is not None:
+        _print_classifier_summary(det.classifier)
     if errors:
         raise typer.Exit(EXIT_FILES_FAILED)
+
+
+# -- labelled images: classifier and semi-supervised helpers ---------------------------
+def _resolve_manifest(manifest: Path | None, data: Path) -> Path | None:
+    """``--manifest`` as given, or inside DATA when only there."""
+    if manifest is None or manifest.exists() or manifest.is_absolute():
+        return manifest
+    inside = data / manifest
+    return inside if inside.exists() else manifest
+
+
+def _split_note(manifest: Path | None) -> str:
+    from defectkit.data.labelled import MVTEC_TYPE_SPLIT
+
+    if manifest is not None:
+        return "the manifest's split column (train; val for early stopping)"
+    return MVTEC_TYPE_SPLIT
+
+
+def _classifier_items(data: Path, manifest: Path | None) -> list[Any]:
+    """Labelled items for a classifier; refuses a set it cannot train on, early."""
+    from defectkit.classify.workflow import training_split
+    from defectkit.data.labelled import read_labelled
+
+    items = read_labelled(data, manifest)
+    training_split(items)
+    return items
+
+
+def _check_classifier_params(params: dict[str, Any]) -> None:
+    from defectkit.classify.classifier import DefectClassifier
+
+    DefectClassifier.check_params(params)
+    DefectClassifier(**params)._validate()
+
+
+def _defect_paths(
+    defects: Path | None,
+    fit_paths: list[Path],
+    calibration_fraction: float,
+    calibration_dir: Path | None,
+) -> list[Path] | None:
+    """Images of --defects, checked before any long work."""
+    from defectkit.data.datasets import list_images
+    from defectkit.decide.rescore import MIN_DEFECT
+
+    if defects is None:
+        return None
+    if not defects.is_dir():
+        raise _fail(f"--defects {defects} is not a folder")
+    if calibration_dir is None and calibration_fraction <= 0:
+        raise _fail(
+            "--defects needs held-out good images to learn against: a --calibration-fraction "
+            "> 0 or --calibration-dir"
+        )
+    found, _ = list_images([defects])
+    if len(found) < MIN_DEFECT:
+        raise _fail(f"--defects {defects}: {len(found)} image(s); need at least {MIN_DEFECT}")
+    overlap = {os.path.realpath(p) for p in found} & {os.path.realpath(p) for p in fit_paths}
+    if overlap:
+        raise _fail(
+            f"{len(overlap)} defective image(s) are also among the good images to fit on "
+            f"(e.g. {sorted(overlap)[0]})"
+        )
+    return found
+
+
+def _print_classifier_summary(clf: Any) -> None:
+    t = clf.training_
+    acc = t.get("val_accuracy")
+    err.print(
+        f"defect-type classifier: {len(clf.classes_)} types ({', '.join(clf.classes_)}) from "
+        f"{t['n_train']} training images (+{t['n_augmented']} augmented copies); validation "
+        f"accuracy {'n/a' if acc is None else f'{acc:.1%}'} on {t['n_val']} images; "
+        f"temperature {clf.temperature_:.3g}; {t['fit_seconds']:.1f} s",
+        highlight=False,
+    )
+
+
+def _fit_classifier(
+    data: Path, manifest: Path | None, out_path: Path, params: dict[str, Any], quiet: bool
+) -> None:
+    """``fit --method classifier``: labelled images in, a classifier model file out."""
+    from defectkit.classify.workflow import fit_classifier
+
+    t0 = time.perf_counter()
+    try:
+        if manifest is None and not data.exists():
+            raise _fail(f"dataset folder not found: {data}")
+        _check_classifier_params(params)
+        items = _classifier_items(data, manifest)
+        with _progress(not quiet) as progress:
+            clf, provenance, errors = fit_classifier(items, params, progress)
+        provenance.update(data=str(data), manifest=None if manifest is None else str(manifest))
+        provenance["split"] = (
+            _split_note(manifest)
+            if manifest or _is_mvtec(data)
+            else ("class folders: all images train (a stratified share validates)")
+        )
+        provenance["n_skipped_files"] = len(errors)
+        clf.save(out_path, provenance)
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+    for p, problem in errors:
+        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+    err.print(
+        f"fitted [bold]classifier[/] in {time.perf_counter() - t0:.1f} s -> {out_path}",
+        highlight=False,
+    )
+    _print_classifier_summary(clf)
+    if errors:
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _is_mvtec(data: Path) -> bool:
+    from defectkit.data.datasets import is_mvtec
+
+    return is_mvtec(data)
 
 
 def _load_detector(model: Path):
@@ -284,7 +498,14 @@ def inspect(
     NG images), severity (worst region; null when OK), pixel_threshold, and for
     memory-bank methods evidence and closest_good (training image path and bbox
     of the good patch nearest to the worst patch).
+
+    A model with a defect-type classifier adds defect_type and type_probabilities
+    ({type: probability}): for NG images in a bundle (null when OK), for every
+    image with a classifier alone (then score is the top probability, and
+    is_defect, threshold, regions and severity are null: a classifier names types,
+    it does not decide OK/NG).
     """
+    from defectkit.classify.classifier import DefectClassifier
     from defectkit.data.batches import iter_batches
     from defectkit.data.datasets import list_images
     from defectkit.data.images import save_png
@@ -294,10 +515,18 @@ def inspect(
     if fmt not in ("jsonl", "table"):
         raise _fail(f"--format must be jsonl or table, got {fmt!r}")
     rules = _decision_options(mm_per_pixel, severity_rules)
-    det = _load_detector(model)
+    det = _load_any_model(model)
+    if isinstance(det, DefectClassifier):
+        if maps_out is not None:
+            raise _fail(f"{model} holds a classifier alone: no anomaly maps for --maps-out")
+        _inspect_classifier(det, inputs, fmt, batch_size, quiet)
+        return
     paths, problems = list_images(inputs)
     threshold = det.threshold.value if det.threshold else None
     pixel_threshold = det.region_threshold
+    # overlays colour maps on their own scale (a re-scored image threshold is not)
+    map_threshold = det.map_threshold
+    types = det.classifier.classes_ if det.classifier is not None else None
     n_failed = 0
     rows: list[dict[str, Any]] = []
 
@@ -309,7 +538,7 @@ def inspect(
             rows.append(record)
 
     def failed(path: Path, problem: str | None) -> dict[str, Any]:
-        return {
+        rec = {
             "path": str(path),
             "score": None,
             "is_defect": None,
@@ -318,6 +547,9 @@ def inspect(
             "regions": None,
             "severity": None,
         }
+        if types is not None:
+            rec.update(defect_type=None, type_probabilities=None)
+        return rec
 
     for p, problem in problems:
         n_failed += 1
@@ -335,6 +567,12 @@ def inspect(
                 except DefectkitError as e:  # e.g. model/backbone mismatch: nothing will work
                     raise _fail(str(e)) from None
             decisions = det.decide(result.scores) if result is not None else None
+            type_of: dict[int, np.ndarray] = {}
+            if types is not None and result is not None:
+                chosen = [j for j in range(len(good)) if decisions is None or decisions[j]]
+                if chosen:
+                    proba = det.classify([good[j].image for j in chosen])
+                    type_of = dict(zip(chosen, proba, strict=True))
             k = 0
             for item in batch:
                 index += 1
@@ -364,9 +602,13 @@ def inspect(
                     rec["evidence"] = extra
                     if "nearest_good" in extra:
                         rec["closest_good"] = det.closest_good(extra)
+                if types is not None:
+                    rec.update(_type_fields(types, type_of.get(k)))
                 if maps_out is not None:
                     name = f"{index:06d}_{item.path.stem}_overlay.png"
-                    overlay = region_overlay(item.image, result.maps[k], threshold, regions, labels)
+                    overlay = region_overlay(
+                        item.image, result.maps[k], map_threshold, regions, labels
+                    )
                     save_png(maps_out / name, overlay)
                     rec["overlay"] = str(maps_out / name)
                 k += 1
@@ -374,15 +616,112 @@ def inspect(
             if progress is not None:
                 progress("inspect", index, len(paths))
     if fmt == "table":
-        table = Table("path", "score", "verdict", "severity", "regions", "error")
+        columns = ["path", "score", "verdict", "severity", "regions", "error"]
+        if types is not None:
+            columns.insert(5, "type")
+        table = Table(*columns)
         for r in rows:
             verdict = "" if r["is_defect"] is None else ("NG" if r["is_defect"] else "OK")
-            table.add_row(
+            cells = [
                 r["path"],
                 "" if r["score"] is None else f"{r['score']:.4g}",
                 verdict,
                 r["severity"] or "",
                 "" if r["regions"] is None else str(len(r["regions"])),
+                r["error"] or "",
+            ]
+            if types is not None:
+                cells.insert(5, r.get("defect_type") or "")
+            table.add_row(*cells)
+        out.print(table)
+    if n_failed:
+        err.print(f"[yellow]{n_failed} file(s) could not be inspected[/]")
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _type_fields(types: list[str], proba: np.ndarray | None) -> dict[str, Any]:
+    """defect_type and type_probabilities of one image (None when not classified)."""
+    if proba is None:
+        return {"defect_type": None, "type_probabilities": None}
+    return {
+        "defect_type": types[int(np.argmax(proba))],
+        "type_probabilities": {t: round(float(p), 6) for t, p in zip(types, proba, strict=True)},
+    }
+
+
+def _load_any_model(model: Path) -> Any:
+    """A Detector, or a DefectClassifier stored alone."""
+    from defectkit.detector import load_model
+
+    try:
+        return load_model(model)
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+
+
+def _inspect_classifier(clf: Any, inputs: list[Path], fmt: str, batch_size: int, quiet: bool):
+    """inspect with a classifier alone: one line per image with its type."""
+    from defectkit.data.batches import iter_batches
+    from defectkit.data.datasets import list_images
+
+    paths, problems = list_images(inputs)
+    types = clf.classes_
+    rows: list[dict[str, Any]] = []
+    n_failed = 0
+
+    def emit(rec: dict[str, Any]) -> None:
+        if fmt == "jsonl":
+            sys.stdout.write(json.dumps(rec) + "\n")
+            sys.stdout.flush()
+        else:
+            rows.append(rec)
+
+    def record(path: Path, error: str | None, image: Any, proba: Any) -> dict[str, Any]:
+        return {
+            "path": str(path),
+            "score": None if proba is None else round(float(np.max(proba)), 6),
+            "is_defect": None,
+            "threshold": None,
+            "error": error,
+            **(
+                {}
+                if image is None
+                else {"width": int(image.shape[1]), "height": int(image.shape[0])}
+            ),
+            "regions": None,
+            "severity": None,
+            **_type_fields(types, proba),
+        }
+
+    for p, problem in problems:
+        n_failed += 1
+        emit(record(p, problem, None, None))
+    done = 0
+    with _progress(not quiet and len(paths) > 1) as progress:
+        for batch in iter_batches(paths, batch_size):
+            good = [b for b in batch if b.image is not None]
+            try:
+                proba = clf.predict_proba([b.image for b in good]) if good else []
+            except DefectkitError as e:
+                raise _fail(str(e)) from None
+            k = 0
+            for item in batch:
+                if item.image is None:
+                    n_failed += 1
+                    emit(record(item.path, item.error, None, None))
+                    continue
+                emit(record(item.path, None, item.image, proba[k]))
+                k += 1
+            done += len(batch)
+            if progress is not None:
+                progress("inspect", done, len(paths))
+    if fmt == "table":
+        table = Table("path", "type", "probability", "error")
+        for r in rows:
+            table.add_row(
+                r["path"],
+                r["defect_type"] or "",
+                "" if r["score"] is None else f"{r['score']:.3f}",
                 r["error"] or "",
             )
         out.print(table)
@@ -419,15 +758,37 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="MVTec-layout dataset with test/ and ground_truth/")],
     fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(help="CSV image,class,split: classifiers are evaluated on its test rows"),
+    ] = None,
 ) -> None:
-    """Image and pixel metrics of a model on a labelled test set."""
+    """Image and pixel metrics of a model on a labelled test set.
+
+    A classifier (alone, or in a bundle as the `defect_types` key) is evaluated on
+    the 'test' rows of --manifest, the 'test' half of an MVTec layout's defect
+    types, or every image of DATA/<class>/ folders: accuracy, macro-F1, per-class
+    precision and recall, confusion matrix (rows: true class, columns: predicted).
+    """
+    from defectkit.classify.classifier import DefectClassifier
+
     if fmt not in ("json", "table"):
         raise _fail(f"--format must be json or table, got {fmt!r}")
-    det = _load_detector(model)
+    manifest = _resolve_manifest(manifest, data)
+    det = _load_any_model(model)
+    if isinstance(det, DefectClassifier):
+        _evaluate_classifier(det, data, manifest, fmt, quiet)
+        return
     t0 = time.perf_counter()
     try:
         with _progress(not quiet) as progress:
             metrics, errors = run_evaluation(det, data, progress)
+            if det.classifier is not None:
+                report, _, type_errors = _classifier_figures(
+                    det.classifier, data, manifest, progress
+                )
+                metrics["defect_types"] = report
+                errors = errors + type_errors
     except DefectkitError as e:
         raise _fail(str(e)) from None
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
@@ -438,8 +799,66 @@ def evaluate(
         sys.stdout.write(json.dumps(metrics, default=_json_default) + "\n")
     else:
         out.print(_metrics_table(metrics, title=f"{det.model.name} on {data}"))
+        if det.classifier is not None:
+            _print_classification(metrics["defect_types"], f"defect types on {data}")
     if errors:
         raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _classifier_figures(
+    clf: Any, data: Path, manifest: Path | None, progress: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[Path, str]]]:
+    """Classification figures on the evaluation images of a labelled set."""
+    from defectkit.classify.workflow import evaluate_classifier
+    from defectkit.data.labelled import read_labelled, select
+    from defectkit.errors import DatasetError
+
+    items = read_labelled(data, manifest)
+    if any(it.split is not None for it in items):
+        chosen = select(items, "test")
+        where = "the 'test' rows" if manifest is not None else "the 'test' half of the types"
+        if not chosen:
+            raise DatasetError(f"{manifest or data}: no 'test' images to evaluate on")
+    else:
+        chosen, where = list(items), "every image of the class folders"
+    report, records, errors = evaluate_classifier(clf, chosen, progress)
+    report["evaluated_on"] = where
+    return report, records, errors
+
+
+def _evaluate_classifier(
+    clf: Any, data: Path, manifest: Path | None, fmt: str, quiet: bool
+) -> None:
+    t0 = time.perf_counter()
+    try:
+        with _progress(not quiet) as progress:
+            report, _, errors = _classifier_figures(clf, data, manifest, progress)
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["n_failed_files"] = len(errors)
+    for p, problem in errors:
+        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report, default=_json_default) + "\n")
+    else:
+        _print_classification(report, f"classifier on {manifest or data}")
+    if errors:
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _print_classification(report: dict[str, Any], title: str) -> None:
+    from defectkit.metrics.classification import format_classification
+
+    table = Table("metric", "value", title=title)
+    for name, value in format_classification(report):
+        table.add_row(name, value)
+    out.print(table)
+    cm = report["confusion_matrix"]
+    matrix = Table("true \\ predicted", *cm["labels"], title="confusion matrix")
+    for label, row in zip(cm["labels"], cm["matrix"], strict=True):
+        matrix.add_row(label, *(str(v) for v in row))
+    out.print(matrix)
 
 
 def _json_default(o: Any) -> Any:
@@ -460,11 +879,13 @@ def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
 @app.command()
 def methods() -> None:
     """List the registered methods."""
+    from defectkit.classify.classifier import DefectClassifier
     from defectkit.methods import DEFAULT_METHOD, available_methods
 
     table = Table("method", "what it does")
     for name, cls in available_methods().items():
         table.add_row(name + (" (default)" if name == DEFAULT_METHOD else ""), cls.summary)
+    table.add_row(DefectClassifier.name, DefectClassifier.summary)
     out.print(table)
 
 
@@ -474,8 +895,18 @@ def info(
     full: Annotated[bool, typer.Option(help="list every fit and calibration image path")] = False,
 ) -> None:
     """Print what a model file holds (method, settings, thresholds, provenance) as JSON."""
-    det = _load_detector(model)
-    sys.stdout.write(json.dumps(det.describe(full), indent=2, default=_json_default) + "\n")
+    from defectkit.classify.classifier import DefectClassifier
+
+    det = _load_any_model(model)
+    if isinstance(det, DefectClassifier):
+        described = {"method": det.name, **det.describe(), **getattr(det, "provenance_", {})}
+        if not full and "train_images" in described:
+            n = len(described["train_images"])
+            described["train_images"] = f"{n} paths (`defectkit info --full` lists them)"
+        described["defectkit_version_running"] = __version__
+    else:
+        described = det.describe(full)
+    sys.stdout.write(json.dumps(described, indent=2, default=_json_default) + "\n")
 
 
 TARGETS = ("false-alarm-rate", "miss-rate", "f1")
@@ -583,8 +1014,10 @@ def calibrate(
         pixel = det.pixel_threshold
         if max_false_regions is not None:
             good_maps = [m for m, lab in zip(scored.maps, y, strict=True) if lab == 0]
+            # a re-scored image threshold is not on the maps' scale: cap at the one that is
+            cap = new.value if det.rescorer is None else det.map_threshold
             pixel = pixel_threshold_for_false_regions(
-                good_maps, max_false_regions, min_area=det.min_region_area, cap=new.value
+                good_maps, max_false_regions, min_area=det.min_region_area, cap=cap
             )
     except DefectkitError as e:
         raise _fail(str(e)) from None
@@ -776,6 +1209,76 @@ def demo(
         f"models in {out_dir / 'models'}; try: "
         f"defectkit inspect {out_dir / 'models'}/<category>.dkm <image or folder>"
     )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="model file from `defectkit fit`")],
+    db: Annotated[
+        str | None,
+        typer.Option(help="database URL (postgresql://...); default SQLite in --data-dir"),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="SQLite file and stored images and overlays (by hash)")
+    ] = Path("defectkit-results"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    token: Annotated[
+        str | None, typer.Option(help="API token for write endpoints (or env DEFECTKIT_TOKEN)")
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload, MiB")] = 20.0,
+    webhook: Annotated[str | None, typer.Option(help="URL to POST SPC alarms to")] = None,
+    spc_baseline: Annotated[int, typer.Option(help="good parts that set the SPC baseline")] = 100,
+    threads: Annotated[int, typer.Option(help="torch threads of the scoring worker")] = 2,
+) -> None:
+    """Run the inspection service and dashboard (see defectkit/serve/app.py)."""
+    from defectkit.serve.runner import serve as run_service
+
+    if not model.is_file():
+        raise _fail(f"{model}: no such model file")
+    if max_upload_mb <= 0 or spc_baseline < 5:
+        raise _fail("--max-upload-mb must be > 0 and --spc-baseline at least 5")
+    run_service(
+        model,
+        db=db,
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        token=token,
+        max_upload_mb=max_upload_mb,
+        webhook=webhook,
+        baseline=spc_baseline,
+        threads=threads,
+    )
+
+
+@app.command("export-labels")
+def export_labels(
+    out_dir: Annotated[
+        Path, typer.Argument(help="folder to write <class>/<id>.<ext> and labels.csv")
+    ],
+    db: Annotated[
+        str | None,
+        typer.Option(help="database URL (postgresql://...); default SQLite in --data-dir"),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="the service's --data-dir (SQLite file, stored images)")
+    ] = Path("defectkit-results"),
+) -> None:
+    """Write reviewed results of the service as a labelled dataset (class folders + CSV)."""
+    from defectkit.serve.export import export_labels as run_export
+    from defectkit.serve.runner import default_db_url
+    from defectkit.serve.store import ResultStore
+
+    if db is None and not (data_dir / "results.db").is_file():
+        raise _fail(f"{data_dir / 'results.db'}: no results database (give --data-dir or --db)")
+    store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+    try:
+        counts = run_export(store, out_dir)
+    finally:
+        store.close()
+    total = sum(counts.values())
+    out.print(f"{total} reviewed image(s) written to {out_dir}: {counts}")
 
 
 @app.callback(invoke_without_command=True)

@@ -1,6 +1,12 @@
 """A detector is what a model file holds: a fitted method, its decision
 thresholds (image and pixel) and where it came from. It turns scores into OK/NG
-decisions and anomaly maps into defect regions."""
+decisions and anomaly maps into defect regions.
+
+Optionally, in the same file: a defect-type classifier (a bundle: each NG part
+also gets its type, see :mod:`defectkit.classify`) and a re-scorer learned from a
+few labelled defective images (semi-supervised, see
+:mod:`defectkit.decide.rescore`). Files without them load as before; a file
+holding a classifier alone is read with :func:`load_model`."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from defectkit import __version__
+from defectkit.classify.classifier import DefectClassifier, is_classifier_file
 from defectkit.decide.calibration import (
     PixelThreshold,
     Threshold,
@@ -22,10 +29,11 @@ from defectkit.decide.calibration import (
 )
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
 from defectkit.decide.regions import Region, locate_regions
+from defectkit.decide.rescore import EVIDENCE, DefectRescorer
 from defectkit.decide.severity import SeverityRules
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods import AnomalyModel, ScoreResult, get_method
-from defectkit.methods.base import Image, Progress
+from defectkit.methods.base import Image, Progress, check_images
 from defectkit.model_file import ModelFile, read_model, write_model
 
 MODEL_SUFFIX = ".dkm"
@@ -58,11 +66,18 @@ class Detector:
         threshold: Threshold | None = None,
         info: dict[str, Any] | None = None,
         pixel_threshold: PixelThreshold | None = None,
+        *,
+        classifier: DefectClassifier | None = None,
+        rescorer: DefectRescorer | None = None,
     ) -> None:
         self.model = model
         self.threshold = threshold
         self.pixel_threshold = pixel_threshold
         self.info = dict(info or {})
+        #: defect-type classifier of a bundle (types of NG parts), or None
+        self.classifier = classifier
+        #: semi-supervised re-scorer (image scores from labelled defects), or None
+        self.rescorer = rescorer
 
     @classmethod
     def fit(
@@ -80,6 +95,9 @@ class Detector:
         calibration_paths: Sequence[str | os.PathLike[str]] | None = None,
         max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
         min_region_area: int = DEFAULT_MIN_AREA,
+        defect_images: Sequence[Image] | None = None,
+        defect_paths: Sequence[str | os.PathLike[str]] | None = None,
+        rescore_params: dict[str, Any] | None = None,
     ) -> Detector:
         """Fit ``method`` on good images and calibrate its thresholds on good images
         held out from fitting (or on ``calibration_images`` when given).
@@ -89,6 +107,14 @@ class Detector:
         more) per good image, capped at the image threshold. ``paths`` (one per
         image) are recorded so that evidence can name the training image of a
         memory-bank patch.
+
+        ``defect_images`` (a few labelled defective images, optional) make it
+        semi-supervised: a :class:`~defectkit.decide.rescore.DefectRescorer`
+        (settings ``rescore_params``) learns from them and the held-out good
+        images, and is kept only if its cross-validated AUROC on them beats the
+        anomaly score's; the image threshold is then calibrated on the held-out
+        good images' out-of-fold re-scored values. Without them the detector is
+        exactly the unsupervised one.
         """
         model_cls = get_method(method)
         params = dict(params or {})
@@ -112,12 +138,34 @@ class Detector:
         model.fit(fit_set, progress=progress)
         fit_s = time.perf_counter() - t0
         threshold = pixel_threshold = None
+        rescorer = None
+        semi: dict[str, Any] | None = None
+        if defect_images is not None and len(defect_images) and not cal_set:
+            raise ConfigError(
+                "semi-supervised fitting (defect images) needs held-out good images: "
+                "a calibration fraction > 0 or calibration images"
+            )
         if cal_set:
             cal = model.score(cal_set, progress=progress)
             threshold = threshold_for_false_alarm_rate(cal.scores, false_alarm_rate)
             pixel_threshold = pixel_threshold_for_false_regions(
                 cal.maps, max_false_regions, min_area=min_region_area, cap=threshold.value
             )
+            if defect_images is not None and len(defect_images):
+                rescore_params = {"seed": seed, **(rescore_params or {})}
+                DefectRescorer.check_params(rescore_params)
+                candidate = DefectRescorer(**rescore_params)
+                defect_scores = model.score(defect_images, progress=progress).scores
+                found = candidate.fit(
+                    fit_set, cal_set, cal.scores, defect_images, defect_scores, progress
+                )
+                semi = found.to_dict()
+                if defect_paths is not None:
+                    semi["defect_images"] = [os.path.abspath(p) for p in defect_paths]
+                if found.used:
+                    candidate.unsupervised_threshold_ = threshold
+                    threshold = threshold_for_false_alarm_rate(found.good_oof, false_alarm_rate)
+                    rescorer = candidate
         info: dict[str, Any] = {
             "n_fit_images": len(fit_set),
             "n_calibration_images": len(cal_set),
@@ -133,11 +181,32 @@ class Detector:
             ]
         if cal_paths is not None:
             info["calibration_images"] = [os.path.abspath(p) for p in cal_paths]
-        return cls(model, threshold, info, pixel_threshold)
+        if semi is not None:
+            info["semi_supervised"] = semi
+        return cls(model, threshold, info, pixel_threshold, rescorer=rescorer)
 
     # -- use --------------------------------------------------------------------
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
-        return self.model.score(images, progress=progress)
+        """The method's scores and maps; with a re-scorer, the re-scored image scores
+        (each image's ``extras`` then keeps the method's own as ``anomaly_score``)."""
+        if self.rescorer is None:
+            return self.model.score(images, progress=progress)
+        images = check_images(images)
+        res = self.model.score(images, progress=progress)
+        scores = self.rescorer.rescore(res.scores, images)
+        extras = res.extras or [{} for _ in images]
+        extras = [
+            {**e, "anomaly_score": round(float(a), 6)}
+            for e, a in zip(extras, res.scores, strict=True)
+        ]
+        return ScoreResult(scores=scores.astype(np.float32), maps=res.maps, extras=extras)
+
+    def classify(self, images: Sequence[Image]) -> np.ndarray | None:
+        """Defect-type probabilities (n, types), columns in ``classifier.classes_``
+        order; None without a classifier."""
+        if self.classifier is None:
+            return None
+        return self.classifier.predict_proba(images)
 
     def decide(self, scores: np.ndarray) -> np.ndarray | None:
         """True where a score means NG; None when no threshold is set."""
@@ -147,10 +216,20 @@ class Detector:
 
     # -- regions and evidence -----------------------------------------------------
     @property
+    def map_threshold(self) -> float | None:
+        """The image threshold on the anomaly maps' scale: the image threshold, or
+        with a re-scorer (whose scores are no longer map maxima) the unsupervised
+        one, kept from fitting."""
+        thr = self.threshold if self.rescorer is None else self.rescorer.unsupervised_threshold_
+        return None if thr is None else thr.value
+
+    @property
     def region_threshold(self) -> float | None:
         """Where maps are cut into regions: the pixel threshold, never above the
-        image threshold; the image threshold for models without a pixel one."""
-        values = [t.value for t in (self.pixel_threshold, self.threshold) if t is not None]
+        image threshold (on the maps' scale, :attr:`map_threshold`); the image
+        threshold for models without a pixel one."""
+        pixel = None if self.pixel_threshold is None else self.pixel_threshold.value
+        values = [v for v in (pixel, self.map_threshold) if v is not None]
         return min(values) if values else None
 
     @property
@@ -215,44 +294,102 @@ class Detector:
         return {"path": src["path"], "bbox": bbox}
 
     # -- files ------------------------------------------------------------------
+    def _file_thresholds(self) -> tuple[Threshold | None, dict[str, Any] | None]:
+        """(``threshold`` of the file, re-scored threshold for the re-scorer's JSON).
+
+        With a re-scorer the file's ``threshold`` stays the unsupervised one, so a
+        defectkit that does not know re-scorers still reads a coherent model (the
+        unsupervised one); the re-scored threshold lives with the re-scorer."""
+        if self.rescorer is None:
+            return self.threshold, None
+        own = None if self.threshold is None else self.threshold.to_dict()
+        return self.rescorer.unsupervised_threshold_, own
+
     def save(self, path: str | Path) -> Path:
+        """Write the model file: the method's arrays under ``method.``, a bundled
+        classifier's under ``classifier.`` and a re-scorer's under ``rescorer.``, each
+        part's JSON under its own key."""
         arrays, state = self.model.learned_state()
-        info = {
+        file_threshold, rescored = self._file_thresholds()
+        info: dict[str, Any] = {
             "method": self.model.name,
             "params": self.model.get_params(),
             "state": state,
-            "threshold": None if self.threshold is None else self.threshold.to_dict(),
+            "threshold": None if file_threshold is None else file_threshold.to_dict(),
             "pixel_threshold": (
                 None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
             ),
             "provenance": self.info,
         }
-        return write_model(
-            path, ModelFile(info=info, arrays={f"method.{k}": v for k, v in arrays.items()})
-        )
+        stored = {f"method.{k}": v for k, v in arrays.items()}
+        if self.classifier is not None:
+            part, carrays = self.classifier.to_file_parts()
+            info["classifier"] = part
+            stored.update(carrays)
+        if self.rescorer is not None:
+            rarrays, rstate = self.rescorer.learned_state()
+            info["rescorer"] = {
+                "params": self.rescorer.get_params(),
+                "state": rstate,
+                "threshold": rescored,
+            }
+            stored.update({f"{_RESCORER}{k}": v for k, v in rarrays.items()})
+        return write_model(path, ModelFile(info=info, arrays=stored))
 
     @classmethod
     def load(cls, path: str | Path) -> Detector:
-        mf = read_model(path)
+        """Read a detector model file (with its classifier and re-scorer, if any)."""
+        return cls.from_model_file(read_model(path), path)
+
+    @classmethod
+    def from_model_file(cls, mf: ModelFile, path: str | Path) -> Detector:
         info = mf.info
+        if is_classifier_file(info):
+            raise ModelFileError(
+                f"{path}: holds a defect-type classifier alone, not an anomaly detector "
+                "(it gives types, not OK/NG: inspect and evaluate take it; calibrate and "
+                "report need an anomaly model)"
+            )
         try:
             model_cls = get_method(str(info["method"]))
             params = dict(info.get("params") or {})
             model_cls.check_params(params)
             model = model_cls(**params)
-            arrays = {k.removeprefix("method."): v for k, v in mf.arrays.items()}
+            arrays = {
+                k.removeprefix("method."): v
+                for k, v in mf.arrays.items()
+                if not k.startswith((_CLASSIFIER, _RESCORER))
+            }
             model.load_learned_state(arrays, dict(info.get("state") or {}))
             thr = info.get("threshold")
             threshold = None if thr is None else Threshold.from_dict(thr)
             pthr = info.get("pixel_threshold")
             pixel_threshold = None if pthr is None else PixelThreshold.from_dict(pthr)
+            classifier = None
+            if info.get("classifier") is not None:
+                classifier = DefectClassifier.from_file_parts(info["classifier"], mf.arrays)
+            rescorer = None
+            if info.get("rescorer") is not None:
+                rescorer = _load_rescorer(info["rescorer"], mf.arrays)
+                if threshold is None:
+                    raise ModelFileError("a re-scorer needs the unsupervised threshold")
+                rescorer.unsupervised_threshold_ = threshold
+                rthr = info["rescorer"].get("threshold")
+                threshold = None if rthr is None else Threshold.from_dict(rthr)
         except ModelFileError as e:
             raise ModelFileError(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise ModelFileError(f"{path}: model description is invalid ({e})") from None
         info_prov = dict(info.get("provenance") or {})
         info_prov["defectkit_version"] = info.get("defectkit_version")
-        return cls(model, threshold, info_prov, pixel_threshold)
+        return cls(
+            model,
+            threshold,
+            info_prov,
+            pixel_threshold,
+            classifier=classifier,
+            rescorer=rescorer,
+        )
 
     def save_decision(self, path: str | Path, out: str | Path | None = None, **note: Any) -> Path:
         """Write this detector's thresholds into the model file at ``path`` (or a
@@ -265,7 +402,10 @@ class Detector:
             raise ModelFileError(
                 f"{path}: holds method {info.get('method')!r}, not {self.model.name!r}"
             )
-        info["threshold"] = None if self.threshold is None else self.threshold.to_dict()
+        file_threshold, rescored = self._file_thresholds()
+        info["threshold"] = None if file_threshold is None else file_threshold.to_dict()
+        if self.rescorer is not None:
+            info["rescorer"] = {**dict(info.get("rescorer") or {}), "threshold": rescored}
         info["pixel_threshold"] = (
             None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
         )
@@ -284,7 +424,7 @@ class Detector:
             for key in ("fit_images", "calibration_images"):
                 if key in info:
                     info[key] = f"{len(info[key])} paths (`defectkit info --full` lists them)"
-        return {
+        out = {
             "method": self.model.name,
             "params": self.model.get_params(),
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
@@ -294,3 +434,37 @@ class Detector:
             **info,
             "defectkit_version_running": __version__,
         }
+        if self.classifier is not None:
+            out["classifier"] = self.classifier.describe()
+        if self.rescorer is not None:
+            out["rescorer"] = {
+                "params": self.rescorer.get_params(),
+                "evidence_weights": dict(
+                    zip(EVIDENCE, (round(float(c), 6) for c in self.rescorer.coef_), strict=True)
+                ),
+                "unsupervised_threshold": self.rescorer.unsupervised_threshold_.to_dict(),
+            }
+        return out
+
+
+_CLASSIFIER = "classifier."
+_RESCORER = "rescorer."
+
+
+def _load_rescorer(part: dict[str, Any], arrays: dict[str, np.ndarray]) -> DefectRescorer:
+    params = dict(part.get("params") or {})
+    DefectRescorer.check_params(params)
+    rescorer = DefectRescorer(**params)
+    state = dict(part.get("state") or {})
+    own = {k.removeprefix(_RESCORER): v for k, v in arrays.items() if k.startswith(_RESCORER)}
+    rescorer.load_learned_state(own, state)
+    return rescorer
+
+
+def load_model(path: str | Path) -> Detector | DefectClassifier:
+    """Read any defectkit model file: a :class:`Detector` (an anomaly model, maybe
+    bundled with a classifier), or a :class:`DefectClassifier` stored alone."""
+    mf = read_model(path)
+    if is_classifier_file(mf.info):
+        return DefectClassifier.from_model_file(mf, path)
+    return Detector.from_model_file(mf, path)
