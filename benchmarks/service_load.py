@@ -1,0 +1,181 @@
+"""Service load benchmark: `defectkit serve` on 127.0.0.1 under concurrent clients.
+
+    python benchmarks/service_load.py [--model M.dkm] [--clients 16] [--seconds 60] [--no-record]
+
+Fits the default model on magnetic-tile (or reuses ``--model``), measures the
+CLI's ``inspect`` rate on the test images (process start and model load
+included), then starts the service with a fresh SQLite database and runs
+``--clients`` clients, each posting test images one after another for
+``--seconds``. Reports errors, p50 / p99 latency, throughput (and its ratio to
+the CLI rate), and checks that every accepted request is a row in the database
+(rows == accepted). Loopback only; bounded in time. Records into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from _record import SHARED_DATA, git_commit, machine, record, run_cli
+
+TOKEN = "bench-token"
+TARGET_RATIO = 0.70
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _test_images(data: Path) -> list[Path]:
+    exts = {".png", ".jpg", ".jpeg", ".bmp"}
+    return sorted(p for p in (data / "test").rglob("*") if p.suffix.lower() in exts)
+
+
+def _start(model: Path, data_dir: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "defectkit.cli", "serve", str(model), "--data-dir",
+           str(data_dir), "--port", str(port), "--token", TOKEN]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not start in 120 s")
+
+
+def _load(url: str, images: list[bytes], clients: int, seconds: float):
+    lat: list[float] = []
+    codes: dict[int | str, int] = {}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        i = k
+        with httpx.Client(timeout=300) as c:
+            while time.monotonic() < deadline:
+                data = images[i % len(images)]
+                i += clients
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(f"{url}/inspect", files={"file": ("part.png", data)},
+                               data={"line": "bench"},
+                               headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+                    code: int | str = r.status_code
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                dt = time.perf_counter() - t0
+                with lock:
+                    codes[code] = codes.get(code, 0) + 1
+                    if code == 201:
+                        lat.append(dt)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, codes, time.perf_counter() - t0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "magnetic-tile")
+    ap.add_argument("--model", type=Path, default=None, help="reuse this model file")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"dataset not found: {args.data}")
+    if not 1 <= args.clients <= 64 or not 1 <= args.seconds <= 600:
+        raise SystemExit("--clients 1..64 and --seconds 1..600 (the run is bounded)")
+    paths = _test_images(args.data)
+    images = [p.read_bytes() for p in paths]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        model = args.model
+        if model is None:
+            model = tmp_path / "model.dkm"
+            print("fitting the default model ...", file=sys.stderr)
+            run_cli(["fit", str(args.data), "--out", str(model), "-q"])
+        print("CLI inspect rate ...", file=sys.stderr)
+        cli = run_cli(["inspect", str(model), str(args.data / "test"), "-q"], True)
+        cli_rate = len(paths) / cli.seconds
+
+        port = _free_port()
+        data_dir = tmp_path / "service"
+        proc = _start(model, data_dir, port)
+        try:
+            print(f"{args.clients} clients for {args.seconds:.0f} s ...", file=sys.stderr)
+            lat, codes, wall = _load(f"http://127.0.0.1:{port}", images, args.clients, args.seconds)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        rows = sqlite3.connect(data_dir / "results.db").execute("SELECT count(*) FROM results")
+        n_rows = rows.fetchone()[0]
+
+    accepted = codes.get(201, 0)
+    errors = sum(n for c, n in codes.items() if c != 201)
+    rate = accepted / wall
+    lines = [
+        "## Service under load (`defectkit serve`, loopback)",
+        "",
+        f"- command: `python benchmarks/service_load.py --clients {args.clients} "
+        f"--seconds {args.seconds:.0f}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"commit {git_commit()} (+ working tree)",
+        f"- machine: {machine()}",
+        f"- data: {len(paths)} test images of {args.data.name}, posted round-robin; "
+        "model: default `defectkit fit` settings; SQLite (WAL) store; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| requests accepted (201) | {accepted} | |",
+        f"| errors | {errors} {dict(codes) if errors else ''} | 0 |",
+        f"| rows in the database | {n_rows} | == accepted ({accepted}) |",
+        f"| latency p50 | {_pct(lat, 0.5):.2f} s | |",
+        f"| latency p99 | {_pct(lat, 0.99):.2f} s | |",
+        f"| throughput | {rate:.2f} images/s | >= {TARGET_RATIO:.0%} of CLI |",
+        f"| CLI `inspect` rate (same images, process start incl.) | {cli_rate:.2f} images/s | |",
+        f"| service / CLI | {rate / cli_rate:.0%} | >= {TARGET_RATIO:.0%} |",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        record("service_load", text)
+    if errors or n_rows != accepted:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""The inspection service (FastAPI): upload an image, get the ``inspect`` result
+object with an ``id``; every result is stored, reviewable and charted.
+
+Endpoints (write endpoints need ``Authorization: Bearer TOKEN`` when a token is
+set):
+
+- ``POST /inspect``: multipart field ``file``, optional form fields ``line``,
+  ``lot``, ``part_id``; 201 with the result (committed before the reply)
+- ``GET /results`` (``since``, ``until``, ``line``, ``lot``, ``verdict`` ok/ng/unknown,
+  ``reviewed``, ``limit``, ``offset``), ``GET /results/{id}``,
+  ``GET /results/{id}/overlay.png``, ``GET /results/{id}/image``
+- ``POST /results/{id}/review``: JSON ``{"verdict": "defect"|"good",
+  "defect_type": ..., "comment": ...}``
+- ``GET /spc``, ``GET /model``, ``GET /health``, ``GET /metrics`` (Prometheus text)
+- ``/`` and ``/dashboard/...``: the dashboard pages
+
+Images are scored by one worker thread, one at a time, so that concurrent
+requests queue instead of oversubscribing the CPU cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from PIL import Image
+from pydantic import BaseModel
+
+from defectkit.data.images import decode_image_bytes
+from defectkit.detector import Detector
+from defectkit.errors import ImageError
+from defectkit.serve.inspection import inspect_image
+from defectkit.serve.spc import SpcMonitor
+from defectkit.serve.store import ResultStore
+
+log = logging.getLogger("defectkit.serve")
+
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+DASHBOARD = Path(__file__).resolve().parent / "dashboard"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MAX_TEXT = 200
+#: results replayed into the SPC charts at start
+REPLAY = 50_000
+
+
+class Review(BaseModel):
+    verdict: str
+    defect_type: str | None = None
+    comment: str | None = None
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inspections: Counter[str] = Counter()
+        self.rejected: Counter[int] = Counter()
+        self.reviews = 0
+        self.alarms = 0
+        self.latency_sum = 0.0
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def observe(self, seconds: float) -> None:
+        with self.lock:
+            self.latency_sum += seconds
+            for i, b in enumerate(LATENCY_BUCKETS):
+                if seconds <= b:
+                    self.latency_buckets[i] += 1
+                    break
+            else:
+                self.latency_buckets[-1] += 1
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _text(value: str | None, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_TEXT:
+        raise HTTPException(422, f"{name} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(422, f"{name} must be an ISO 8601 time, got {value!r}") from None
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def create_app(
+    detector: Detector,
+    store: ResultStore,
+    *,
+    token: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    spc: SpcMonitor | None = None,
+    model_name: str = "model",
+) -> FastAPI:
+    """The service around a fitted detector and an open store; ``token`` None
+    leaves write endpoints open (for embedding; ``defectkit serve`` always sets one)."""
+    monitor = spc if spc is not None else SpcMonitor()
+    metrics = _Metrics()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectkit-score")
+
+    # replay stored results (the newest REPLAY) so that charts continue after a restart
+    total = store.count()
+    for row in store.query(limit=REPLAY, offset=max(0, total - REPLAY), newest_first=False).items:
+        monitor.update(
+            row.score, row.is_defect, lot=row.lot, created_at=row.created_at,
+            result_id=row.id, notify=False,
+        )  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        worker.shutdown(wait=True)
+
+    app = FastAPI(title="defectkit inspection service", lifespan=lifespan)
+    app.state.store = store
+    app.state.spc = monitor
+    app.state.detector = detector
+
+    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        if token is None:
+            return
+        if not authorization or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing token: send Authorization: Bearer TOKEN")
+        if not hmac.compare_digest(authorization[7:].encode(), token.encode()):
+            raise HTTPException(403, "wrong token")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_req: Request, exc: HTTPException) -> JSONResponse:
+        metrics.rejected[exc.status_code] += 1
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejected[422] += 1
+        problems = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        ]
+        return JSONResponse({"detail": "; ".join(problems)}, 422)
+
+    def score_and_store(data: bytes, name: str, meta: dict[str, str | None]) -> dict[str, Any]:
+        try:
+            image = decode_image_bytes(data, name)
+        except ImageError as e:
+            raise HTTPException(415, f"not a usable image: {e}") from None
+        ins = inspect_image(detector, image, name)
+        row = store.add(ins.record, data, _png(ins.overlay), filename=name, **meta)
+        events = monitor.update(
+            row.score, row.is_defect, lot=row.lot, created_at=row.created_at, result_id=row.id
+        )
+        for e in events:
+            store.add_alarm(e.chart, e.rule, e.message, e.result_id)
+        with metrics.lock:
+            metrics.alarms += len(events)
+            verdict = {True: "ng", False: "ok", None: "unknown"}[row.is_defect]
+            metrics.inspections[verdict] += 1
+        return row.to_dict()
+
+    @app.post("/inspect", status_code=201, dependencies=[Depends(require_token)])
+    async def inspect(
+        file: UploadFile,
+        line: Annotated[str | None, Form()] = None,
+        lot: Annotated[str | None, Form()] = None,
+        part_id: Annotated[str | None, Form()] = None,
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
+        # the client's file name is kept as a label only; it never reaches the file system
+        name = _text((file.filename or "upload")[-MAX_TEXT:], "filename") or "upload"
+        meta = {
+            "line": _text(line, "line"),
+            "lot": _text(lot, "lot"),
+            "part_id": _text(part_id, "part_id"),
+        }
+        loop = asyncio.get_running_loop()
+        rec = await loop.run_in_executor(worker, score_and_store, data, name, meta)
+        metrics.observe(time.perf_counter() - t0)
+        return rec
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if (
+            request.method == "POST"
+            and size is not None
+            and size.isdigit()
+            and int(size) > max_upload_bytes + 64 * 1024
+        ):
+            metrics.rejected[413] += 1
+            return JSONResponse({"detail": f"upload larger than {max_upload_bytes} bytes"}, 413)
+        return await call_next(request)
+
+    @app.get("/results")
+    def results(
+        since: str | None = None,
+        until: str | None = None,
+        line: str | None = None,
+        lot: str | None = None,
+        verdict: Annotated[str | None, Query(pattern="^(ok|ng|unknown)$")] = None,
+        reviewed: bool | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        page = store.query(
+            since=_parse_time(since, "since"),
+            until=_parse_time(until, "until"),
+            line=line,
+            lot=lot,
+            verdict=verdict,
+            reviewed=reviewed,
+            limit=limit,
+            offset=offset,
+        )
+        return {
+            "total": page.total,
+            "limit": limit,
+            "offset": offset,
+            "items": [r.to_dict() for r in page.items],
+        }
+
+    def _row(result_id: int):
+        row = store.get(result_id)
+        if row is None:
+            raise HTTPException(404, f"no result {result_id}")
+        return row
+
+    @app.get("/results/{result_id}")
+    def result(result_id: int) -> dict[str, Any]:
+        return _row(result_id).to_dict()
+
+    @app.get("/results/{result_id}/overlay.png")
+    def overlay(result_id: int) -> FileResponse:
+        row = _row(result_id)
+        if row.overlay_sha256 is None:
+            raise HTTPException(404, f"result {result_id} has no overlay")
+        return FileResponse(store.blobs.path(row.overlay_sha256, "png"), media_type="image/png")
+
+    @app.get("/results/{result_id}/image")
+    def image(result_id: int) -> FileResponse:
+        row = _row(result_id)
+        media = {"jpg": "image/jpeg", "png": "image/png", "bmp": "image/bmp"}
+        return FileResponse(
+            store.blobs.path(row.image_sha256, row.image_ext),
+            media_type=media.get(row.image_ext, "application/octet-stream"),
+        )
+
+    @app.post("/results/{result_id}/review", dependencies=[Depends(require_token)])
+    def review(result_id: int, body: Review) -> dict[str, Any]:
+        if body.verdict not in ("defect", "good"):
+            raise HTTPException(422, f'verdict must be "defect" or "good", got {body.verdict!r}')
+        row = store.review(
+            result_id,
+            body.verdict,
+            _text(body.defect_type, "defect_type"),
+            body.comment[:2000] if body.comment else None,
+        )
+        if row is None:
+            raise HTTPException(404, f"no result {result_id}")
+        with metrics.lock:
+            metrics.reviews += 1
+        return row.to_dict()
+
+    @app.get("/spc")
+    def spc_state() -> dict[str, Any]:
+        state = monitor.state()
+        state["stored_alarms"] = [a.to_dict() for a in store.alarms()]
+        return state
+
+    @app.get("/model")
+    def model_info() -> dict[str, Any]:
+        info = detector.describe()
+        return {"name": model_name, **info}
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        try:
+            rows = store.count()
+        except Exception as e:  # the database is down: say so, with 503
+            return JSONResponse({"status": "error", "detail": str(e)}, 503)
+        return {"status": "ok", "results": rows, "model": model_name}
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        lines = [
+            "# HELP defectkit_inspections_total Images inspected and stored, by verdict.",
+            "# TYPE defectkit_inspections_total counter",
+        ]
+        with metrics.lock:
+            for v in ("ok", "ng", "unknown"):
+                lines.append(
+                    f'defectkit_inspections_total{{verdict="{v}"}} {metrics.inspections[v]}'
+                )
+            lines += [
+                "# HELP defectkit_rejected_requests_total Requests answered with an error.",
+                "# TYPE defectkit_rejected_requests_total counter",
+            ]
+            for code, n in sorted(metrics.rejected.items()):
+                lines.append(f'defectkit_rejected_requests_total{{code="{code}"}} {n}')
+            lines += [
+                "# HELP defectkit_inspect_seconds Time to answer POST /inspect.",
+                "# TYPE defectkit_inspect_seconds histogram",
+            ]
+            cum = 0
+            for b, n in zip(LATENCY_BUCKETS, metrics.latency_buckets, strict=False):
+                cum += n
+                lines.append(f'defectkit_inspect_seconds_bucket{{le="{b}"}} {cum}')
+            total = sum(metrics.latency_buckets)
+            lines += [
+                f'defectkit_inspect_seconds_bucket{{le="+Inf"}} {total}',
+                f"defectkit_inspect_seconds_sum {metrics.latency_sum:.6f}",
+                f"defectkit_inspect_seconds_count {total}",
+                "# HELP defectkit_reviews_total Reviews recorded.",
+                "# TYPE defectkit_reviews_total counter",
+                f"defectkit_reviews_total {metrics.reviews}",
+                "# HELP defectkit_spc_alarms_total SPC alarms raised since start.",
+                "# TYPE defectkit_spc_alarms_total counter",
+                f"defectkit_spc_alarms_total {metrics.alarms}",
+            ]
+        lines += [
+            "# HELP defectkit_results_stored Rows in the results table.",
+            "# TYPE defectkit_results_stored gauge",
+            f"defectkit_results_stored {store.count()}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    if DASHBOARD.is_dir():
+        from defectkit.serve.dashboard import mount
+
+        mount(app)
+    return app

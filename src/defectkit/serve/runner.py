@@ -1,0 +1,63 @@
+"""``defectkit serve``: open the store, load the model, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("defectkit-results")
+
+
+def default_db_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'results.db'}"
+
+
+def serve(
+    model: Path,
+    *,
+    db: str | None,
+    data_dir: Path,
+    host: str,
+    port: int,
+    token: str | None,
+    max_upload_mb: float,
+    webhook: str | None,
+    baseline: int,
+    threads: int,
+) -> None:
+    import torch
+    import uvicorn
+
+    from defectkit.detector import Detector
+    from defectkit.serve.app import create_app
+    from defectkit.serve.spc import SpcMonitor
+    from defectkit.serve.store import ResultStore
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    torch.set_num_threads(max(1, threads))
+    token = token or os.environ.get("DEFECTKIT_TOKEN")
+    if not token:
+        token = secrets.token_urlsafe(24)
+        print(
+            f"no --token or DEFECTKIT_TOKEN given; write token for this run: {token}",
+            file=sys.stderr,
+        )
+    det = Detector.load(model)
+    store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+    app = create_app(
+        det,
+        store,
+        token=token,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        spc=SpcMonitor(baseline=baseline, webhook_url=webhook),
+        model_name=model.name,
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        store.close()

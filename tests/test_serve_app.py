@@ -1,0 +1,223 @@
+"""The inspection service through FastAPI's TestClient, against a small model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from serve_util import demo_test_images, png_bytes, small_detector
+
+from defectkit.serve.app import create_app
+from defectkit.serve.inspection import inspect_image
+from defectkit.serve.spc import SpcMonitor
+from defectkit.serve.store import ResultStore
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def detector(demo_root):
+    return small_detector(demo_root)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ResultStore.open(f"sqlite:///{tmp_path / 'results.db'}", tmp_path / "blobs")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client(detector, store):
+    app = create_app(detector, store, token=TOKEN, max_upload_bytes=200_000, model_name="t.dkm")
+    with TestClient(app) as c:
+        yield c
+
+
+def _post(client, path, line=None, lot=None, headers=AUTH, name=None):
+    data = {k: v for k, v in (("line", line), ("lot", lot)) if v is not None}
+    files = {"file": (name or path.name, path.read_bytes(), "image/png")}
+    return client.post("/inspect", files=files, data=data, headers=headers)
+
+
+def test_inspect_returns_the_cli_result_object_and_stores_it(client, detector, demo_root, store):
+    from defectkit.data.images import load_image
+
+    _, bad = demo_test_images(demo_root)
+    r = _post(client, bad[0], line="L1", lot="lot-1")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    # same contract as `defectkit inspect`: same keys and values for this image
+    expected = inspect_image(detector, load_image(bad[0]), bad[0].name).record
+    for key in ("score", "is_defect", "threshold", "error", "width", "height", "severity"):
+        assert (
+            body[key] == pytest.approx(expected[key])
+            if key == "score"
+            else body[key] == expected[key]
+        )
+    assert body["regions"] == json.loads(json.dumps(expected["regions"]))
+    assert body["path"] == bad[0].name and body["line"] == "L1" and body["lot"] == "lot-1"
+    assert store.count() == 1 and store.get(body["id"]).score == pytest.approx(body["score"])
+    assert client.get(f"/results/{body['id']}").json()["score"] == body["score"]
+    ov = client.get(body["links"]["overlay"])
+    assert ov.status_code == 200 and ov.headers["content-type"] == "image/png"
+    assert ov.content.startswith(b"\x89PNG")
+    img = client.get(body["links"]["image"])
+    assert img.content == bad[0].read_bytes()
+
+
+def test_write_endpoints_need_the_token(client, demo_root, store):
+    good, _ = demo_test_images(demo_root)
+    r = _post(client, good[0], headers={})
+    assert r.status_code == 401 and "token" in r.json()["detail"]
+    r = _post(client, good[0], headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 403
+    assert client.post("/results/1/review", json={"verdict": "good"}).status_code == 401
+    assert store.count() == 0
+    assert client.get("/results").status_code == 200  # reads are open
+
+
+def test_bad_uploads_get_clear_4xx_and_store_nothing(client, store):
+    r = client.post(
+        "/inspect", files={"file": ("x.png", b"not an image", "image/png")}, headers=AUTH
+    )
+    assert r.status_code == 415 and "not a usable image" in r.json()["detail"]
+    r = client.post("/inspect", files={"file": ("x.png", b"", "image/png")}, headers=AUTH)
+    assert r.status_code == 415 and "empty" in r.json()["detail"]
+    big = png_bytes(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8))
+    assert len(big) > 200_000
+    r = client.post("/inspect", files={"file": ("big.png", big, "image/png")}, headers=AUTH)
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    r = client.post("/inspect", data={"line": "L1"}, headers=AUTH)
+    assert r.status_code == 422 and "file" in r.json()["detail"]
+    r = client.post(
+        "/inspect", files={"file": ("../../etc/passwd", b"x", "image/png")}, headers=AUTH
+    )
+    assert r.status_code == 415
+    assert store.count() == 0
+    metrics = client.get("/metrics").text
+    assert 'defectkit_rejected_requests_total{code="415"} 3' in metrics
+
+
+def test_results_filters_and_pagination(client, demo_root):
+    good, bad = demo_test_images(demo_root)
+    ids = []
+    for i, p in enumerate(good[:3] + bad[:3]):
+        ids.append(_post(client, p, line="A" if i % 2 else "B").json()["id"])
+    page = client.get("/results", params={"limit": 4}).json()
+    assert page["total"] == 6 and [r["id"] for r in page["items"]] == ids[::-1][:4]
+    page2 = client.get("/results", params={"limit": 4, "offset": 4}).json()
+    assert [r["id"] for r in page2["items"]] == ids[::-1][4:]
+    a = client.get("/results", params={"line": "A"}).json()
+    assert a["total"] == 3 and {r["line"] for r in a["items"]} == {"A"}
+    ng = client.get("/results", params={"verdict": "ng"}).json()["items"]
+    ok = client.get("/results", params={"verdict": "ok"}).json()["items"]
+    assert all(r["is_defect"] for r in ng) and not any(r["is_defect"] for r in ok)
+    assert len(ng) + len(ok) == 6 and len(ng) >= 2  # the demo defects are found
+    future = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    assert client.get("/results", params={"since": future}).json()["total"] == 0
+    assert client.get("/results", params={"until": future}).json()["total"] == 6
+    r = client.get("/results", params={"since": "yesterday"})
+    assert r.status_code == 422 and "ISO 8601" in r.json()["detail"]
+    assert client.get("/results", params={"verdict": "bad"}).status_code == 422
+    assert client.get("/results", params={"limit": 10_000}).status_code == 422
+    assert client.get("/results/999999").status_code == 404
+    assert client.get("/results/999999/overlay.png").status_code == 404
+
+
+def test_review(client, demo_root, store):
+    _, bad = demo_test_images(demo_root)
+    rid = _post(client, bad[0]).json()["id"]
+    r = client.post(
+        f"/results/{rid}/review",
+        json={"verdict": "defect", "defect_type": "crack", "comment": "seen"},
+        headers=AUTH,
+    )
+    assert r.status_code == 200 and r.json()["review"]["defect_type"] == "crack"
+    assert store.get(rid).review_verdict == "defect"
+    bad_verdict = client.post(f"/results/{rid}/review", json={"verdict": "meh"}, headers=AUTH)
+    assert bad_verdict.status_code == 422 and "verdict" in bad_verdict.json()["detail"]
+    missing = client.post("/results/424242/review", json={"verdict": "good"}, headers=AUTH)
+    assert missing.status_code == 404
+    assert client.get("/results", params={"reviewed": True}).json()["total"] == 1
+
+
+def test_health_metrics_model_spc(client, demo_root):
+    good, _ = demo_test_images(demo_root)
+    _post(client, good[0])
+    h = client.get("/health").json()
+    assert h == {"status": "ok", "results": 1, "model": "t.dkm"}
+    m = client.get("/metrics")
+    assert m.headers["content-type"].startswith("text/plain")
+    text = m.text
+    assert "defectkit_results_stored 1" in text
+    assert "defectkit_inspect_seconds_count 1" in text
+    n = sum(
+        int(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("defectkit_inspections_total{")
+    )
+    assert n == 1
+    assert client.get("/model").json()["name"] == "t.dkm"
+    spc = client.get("/spc").json()
+    assert spc["scores"]["points"] and "p_chart" in spc and "alarms" in spc
+
+
+def test_concurrent_requests_are_all_stored_and_scored_one_at_a_time(
+    detector, store, demo_root, monkeypatch
+):
+    good, bad = demo_test_images(demo_root)
+    import defectkit.serve.app as app_mod
+
+    active, peak = [0], [0]
+    lock = threading.Lock()
+    real = app_mod.inspect_image
+
+    def counting(det, image, name):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return real(det, image, name)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(app_mod, "inspect_image", counting)
+    app = create_app(detector, store, token=TOKEN)
+    paths = (good + bad)[:8]
+    codes: list[int] = []
+    with TestClient(app) as c:
+
+        def send(p):
+            codes.append(_post(c, p).status_code)
+
+        threads = [threading.Thread(target=send, args=(p,)) for p in paths]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert codes == [201] * len(paths)
+    assert store.count() == len(paths)
+    assert peak[0] == 1
+
+
+def test_restart_continues_with_the_same_database(detector, tmp_path, demo_root):
+    good, _ = demo_test_images(demo_root)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    s1 = ResultStore.open(url, tmp_path / "b")
+    with TestClient(create_app(detector, s1, token=TOKEN, spc=SpcMonitor(baseline=5))) as c:
+        first = [_post(c, p).json()["id"] for p in good[:3]]
+    s1.close()
+    s2 = ResultStore.open(url, tmp_path / "b")
+    with TestClient(create_app(detector, s2, token=TOKEN, spc=SpcMonitor(baseline=5))) as c:
+        nxt = _post(c, good[3]).json()["id"]
+        assert c.get("/results").json()["total"] == 4
+        assert len(c.get("/spc").json()["scores"]["points"]) == 4  # replayed
+    s2.close()
+    assert nxt > max(first)
