@@ -10,7 +10,15 @@ from defectkit.errors import ConfigError, ImageError
 from defectkit.methods import AnomalyModel, available_methods, get_method
 
 #: settings that keep each method fast on tiny images; {} when the defaults are fast
-FAST: dict[str, dict] = {"patchcore": {"image_size": 96, "coreset_ratio": 0.1}}
+FAST: dict[str, dict] = {
+    "patchcore": {"image_size": 96, "coreset_ratio": 0.1},
+    "padim": {"image_size": 96, "context_size": 64},
+    "kmeans": {"image_size": 96, "n_clusters": 32, "n_iter": 5},
+    "threshold": {"size": 64},
+    "edges": {"size": 64},
+    "texture": {"size": 64, "patch": 8},
+    "template": {"max_side": 96},
+}
 
 METHODS = sorted(available_methods())
 

@@ -1,0 +1,47 @@
+"""Backbone features in batches: images resized to a working size (squashed to
+a square, or aspect kept and batched with images of the same network size)
+and run through a feature extractor a batch at a time."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from defectkit.backbones import FeatureExtractor
+from defectkit.methods.base import Image, Progress
+from defectkit.methods.parts.resize import fit_size, to_tensor
+
+
+def feature_batches(
+    extractor: FeatureExtractor,
+    images: Sequence[Image],
+    side: int,
+    batch_size: int,
+    *,
+    keep_aspect: bool = False,
+    progress: Progress | None = None,
+    stage: str = "features",
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """Yield ``(image indices, feature maps)`` for batches of ``images``.
+
+    Images are resized by :func:`~defectkit.methods.parts.resize.fit_size`
+    (squashed to ``side`` x ``side`` unless ``keep_aspect``) and batched with
+    others of the same network size. ``progress(stage, done, total)`` after
+    each batch.
+    """
+    multiple = max(extractor.strides) if extractor.strides else 1
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, img in enumerate(images):
+        groups[fit_size(img.shape[0], img.shape[1], side, multiple, keep_aspect)].append(i)
+    done = 0
+    with torch.inference_mode():
+        for size, members in groups.items():
+            for start in range(0, len(members), batch_size):
+                idx = members[start : start + batch_size]
+                x = torch.cat([to_tensor(images[i], size) for i in idx])
+                yield idx, [f.contiguous() for f in extractor(x)]
+                done += len(idx)
+                if progress is not None:
+                    progress(stage, done, len(images))
