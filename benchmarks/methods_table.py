@@ -46,14 +46,17 @@ def measure(method: str, data: Path, work: Path) -> dict:
         "inspect_ips": n_test / insp.seconds,
         "model_mib": model.stat().st_size / 1024**2,
         "peak_rss_gb": max(fit.peak_rss_gb, ev.peak_rss_gb, insp.peak_rss_gb),
+        "measured": f"{time.strftime('%Y-%m-%d')} {git_commit()}",
     }
     model.unlink()
     return row
 
 
 def _mean(rows: list[dict]) -> dict:
-    out = {}
+    out: dict = {"measured": rows[0]["measured"]}
     for key in rows[0]:
+        if key == "measured":
+            continue
         vals = [r[key] for r in rows if r[key] is not None]
         out[key] = sum(vals) / len(vals) if vals else None
     return out
@@ -66,7 +69,7 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(results: dict) -> str:
     head = (
         "| method | image AUROC | pixel AUROC | AUPRO | fit s | inspect img/s | "
-        "model MiB | peak RSS GB |"
+        "model MiB | peak RSS GB | measured (date, commit) |"
     )
     lines = []
     for dataset, title in (
@@ -76,14 +79,14 @@ def table(results: dict) -> str:
         rows = results.get(dataset, {})
         if not rows:
             continue
-        lines += [f"### {title}", "", head, "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {title}", "", head, "|---|---|---|---|---|---|---|---|---|"]
         for method in sorted(rows):
             r = rows[method]
             lines.append(
                 f"| {method} | {_fmt(r['image_auroc'], '.3f')} | {_fmt(r['pixel_auroc'], '.3f')} "
                 f"| {_fmt(r['aupro'], '.3f')} | {_fmt(r['fit_s'], '.1f')} "
                 f"| {_fmt(r['inspect_ips'], '.1f')} | {_fmt(r['model_mib'], '.2f')} "
-                f"| {_fmt(r['peak_rss_gb'], '.2f')} |"
+                f"| {_fmt(r['peak_rss_gb'], '.2f')} | {r.get('measured', 'n/a')} |"
             )
         if dataset == "demo":
             lines += [
@@ -107,6 +110,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "magnetic-tile")
     ap.add_argument("--skip-real", action="store_true", help="demo data only")
     ap.add_argument("--no-record", action="store_true", help="print only")
+    ap.add_argument(
+        "--render-only", action="store_true", help="rewrite the table from the stored rows"
+    )
     args = ap.parse_args()
 
     from defectkit.data.synthetic import generate_demo
@@ -120,9 +126,11 @@ def main() -> None:
         raise SystemExit(f"dataset not found: {args.data} (or pass --skip-real)")
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.render_only:
+        methods = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        demo = generate_demo(work / "demo", seed=0)
+        demo = generate_demo(work / "demo", seed=0) if methods else {}
         for method in methods:
             t0 = time.perf_counter()
             if not args.skip_real:
@@ -145,7 +153,8 @@ def main() -> None:
             "- command: `python benchmarks/methods_table.py` (rows of a `--methods` run "
             "are merged into `benchmarks/methods_table.json`)",
             f"- last run: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}; "
-            f"methods {', '.join(methods)}",
+            f"methods {', '.join(methods) or '(table re-rendered only)'}; each row says "
+            "when and at which commit it was measured",
             f"- machine: {machine()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
             "- fit s: `defectkit fit` wall time (decoding, fitting, threshold calibration); "
             "inspect img/s: `defectkit inspect` over the test folder, end to end; "
