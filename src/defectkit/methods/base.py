@@ -104,6 +104,32 @@ class AnomalyModel(ABC):
             raise ConfigError(f"{type(self).__name__} is not fitted: call fit() first")
 
 
+def loaded_array(
+    arrays: dict[str, np.ndarray],
+    key: str,
+    shape: tuple[int, ...] | None,
+    owner: str,
+    *,
+    detail: str = "",
+    positive: bool = False,
+) -> np.ndarray:
+    """One array of a model file, checked before use (a model file is untrusted):
+    present, of ``shape`` (when given), finite, and > 0 where ``positive``."""
+    from defectkit.errors import ModelFileError
+
+    arr = arrays.get(key)
+    if arr is None or (shape is not None and arr.shape != shape):
+        raise ModelFileError(
+            f"{owner} model: {key} missing or not of shape {shape}"
+            + (f" ({detail})" if detail else "")
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ModelFileError(f"{owner} model: {key} holds NaN or infinite values")
+    if positive and np.any(arr <= 0):
+        raise ModelFileError(f"{owner} model: {key} must be positive")
+    return arr
+
+
 def check_images(images: Sequence[Image], *, min_count: int = 1) -> list[Image]:
     """Validate images passed to the Python API; name the index of a bad one."""
     if isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object:

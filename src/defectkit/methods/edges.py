@@ -36,8 +36,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from defectkit.errors import ConfigError, ModelFileError
-from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
+from defectkit.errors import ConfigError
+from defectkit.methods.base import (
+    AnomalyModel,
+    Image,
+    Progress,
+    ScoreResult,
+    check_images,
+    loaded_array,
+)
 from defectkit.methods.parts import intensity as ip
 
 DETECTORS = ("sobel", "canny")
@@ -184,17 +191,9 @@ class Edges(AnomalyModel):
         self._validate()
         o, s = self.orientations, self.size
         expected = (o, s, s) if self.reference == "pixel" else (o, 1, 1)
-        centre, spread = arrays.get("centre"), arrays.get("spread")
-        for key, arr in (("centre", centre), ("spread", spread)):
-            if arr is None or arr.shape != expected:
-                raise ModelFileError(
-                    f"edges model: {key} missing or not of shape {expected} "
-                    f"(reference={self.reference!r}, size={s}, orientations={o})"
-                )
-            if not np.all(np.isfinite(arr)):
-                raise ModelFileError(f"edges model: {key} holds NaN or infinite values")
-        if np.any(spread <= 0):
-            raise ModelFileError("edges model: spread must be positive")
+        detail = f"reference={self.reference!r}, size={s}, orientations={o}"
+        centre = loaded_array(arrays, "centre", expected, "edges", detail=detail)
+        spread = loaded_array(arrays, "spread", expected, "edges", detail=detail, positive=True)
         self.centre_ = centre.astype(np.float32)
         self.spread_ = spread.astype(np.float32)
         self.n_train_images_ = int(info.get("n_train_images", 0))

@@ -42,8 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from defectkit.errors import ConfigError, ModelFileError
-from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
+from defectkit.errors import ConfigError
+from defectkit.methods.base import (
+    AnomalyModel,
+    Image,
+    Progress,
+    ScoreResult,
+    check_images,
+    loaded_array,
+)
 from defectkit.methods.parts import intensity as ip
 
 REFERENCES = ("pixel", "global", "otsu")
@@ -160,20 +167,12 @@ class Threshold(AnomalyModel):
 
     def load_learned_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
         self._validate()
-        centre, spread = arrays.get("centre"), arrays.get("spread")
         expected = {"pixel": (self.size, self.size), "global": (1,), "otsu": (2,)}.get(
             self.reference
         )
-        for key, arr in (("centre", centre), ("spread", spread)):
-            if arr is None or arr.shape != expected:
-                raise ModelFileError(
-                    f"threshold model: {key} missing or not of shape {expected} "
-                    f"(reference={self.reference!r}, size={self.size})"
-                )
-            if not np.all(np.isfinite(arr)):
-                raise ModelFileError(f"threshold model: {key} holds NaN or infinite values")
-        if np.any(spread <= 0):
-            raise ModelFileError("threshold model: spread must be positive")
+        detail = f"reference={self.reference!r}, size={self.size}"
+        centre = loaded_array(arrays, "centre", expected, "threshold", detail=detail)
+        spread = loaded_array(arrays, "spread", expected, "threshold", detail=detail, positive=True)
         self.centre_ = centre.astype(np.float32)
         self.spread_ = spread.astype(np.float32)
         self.n_train_images_ = int(info.get("n_train_images", 0))
