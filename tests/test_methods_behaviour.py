@@ -196,3 +196,36 @@ def test_kmeans_uses_fewer_clusters_when_there_are_few_patches(surface_set: dict
     n_patches = 2 * 12 * 12
     assert len(model.centres_) == n_patches // 32
     assert model.cluster_sizes_.sum() == n_patches
+
+
+_FIT_AFTER_THREAD_CHANGE = """
+import sys
+import numpy as np, torch
+from defectkit.data.synthetic import make_surface
+from defectkit.methods import get_method
+rng = np.random.default_rng(123)
+train = [make_surface("brushed_metal", (96, 112), rng) for _ in range(20)]
+torch.set_num_threads(1)
+torch.set_num_threads(2)
+get_method(sys.argv[1])(image_size=96, context_size=64).fit(train)
+print("fitted")
+"""
+
+
+def test_padim_fit_survives_thread_count_changes() -> None:
+    """After torch.set_num_threads() (the service and the test suite call it),
+    torch.linalg.inv on the batched covariances ran MKL's LU nested in torch's
+    OpenMP loop and hung for ever (torch 2.13 CPU). A fresh interpreter with a
+    time limit turns a regression into a failure instead of a stuck CI run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FIT_AFTER_THREAD_CHANGE, "padim"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "fitted"
+    assert "MKL ERROR" not in done.stderr

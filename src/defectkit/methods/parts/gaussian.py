@@ -71,10 +71,14 @@ class GaussianAccumulator:
         eye = torch.eye(self.dim, dtype=torch.float64)
         # a tiny absolute floor keeps constant features (zero variance) invertible
         cov = cov + (shrinkage * scale + 1e-9)[:, None, None] * eye
-        precision = torch.linalg.inv(cov)
-        precision = 0.5 * (precision + precision.transpose(1, 2))
+        # NumPy's LAPACK, not torch.linalg.inv: torch runs MKL's getrf nested in
+        # its own OpenMP loop over the batch, and after torch.set_num_threads()
+        # has been called twice that nested region waits forever for a thread
+        # it never gets (seen on torch 2.13 CPU; tests/test_gaussian.py).
+        precision = np.linalg.inv(cov.numpy())
+        precision = 0.5 * (precision + precision.transpose(0, 2, 1))
         mean = m + self._shift
-        return mean.float().numpy(), precision.float().numpy()
+        return mean.float().numpy(), precision.astype(np.float32)
 
 
 def mahalanobis(
