@@ -18,6 +18,10 @@ FAST: dict[str, dict] = {
     "edges": {"size": 64},
     "texture": {"size": 64, "patch": 8},
     "template": {"max_side": 96},
+    "autoencoder": {"image_size": 64, "epochs": 2, "hidden": 32, "latent": 8},
+    "vae": {"image_size": 64, "epochs": 2, "hidden": 32, "latent": 8},
+    "ganomaly": {"image_size": 64, "epochs": 2, "hidden": 32, "latent": 8},
+    "synthetic": {"image_size": 96, "n_synthetic": 40, "epochs": 4, "hidden": 16},
 }
 
 METHODS = sorted(available_methods())
