@@ -144,6 +144,14 @@ def main() -> None:
             print(f"{method} demo: {json.dumps(row)}", flush=True)
             print(f"{method}: {time.perf_counter() - t0:.0f} s", flush=True)
             if not args.no_record:
+                # re-read first: a concurrent run over other methods may have saved rows
+                saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+                for dataset, rows in results.items():
+                    if dataset in ("magnetic-tile", "demo"):
+                        saved.setdefault(dataset, {}).update(
+                            {m: rows[m] for m in (method,) if m in rows}
+                        )
+                results = saved
                 RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
     body = "\n".join(
