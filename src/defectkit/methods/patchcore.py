@@ -10,7 +10,7 @@ map upsampling and smoothing.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,7 @@ class PatchCore(AnomalyModel):
         grid_stride: int = 8,
         coreset_ratio: float = 0.01,
         max_bank: int = 20000,
+        max_fit_patches: int = 1_000_000,
         nn_search: str = "hnsw",
         global_weight: float = 1.0,
         sigma: float = 12.0,
@@ -75,6 +76,7 @@ class PatchCore(AnomalyModel):
         self.grid_stride = grid_stride
         self.coreset_ratio = coreset_ratio
         self.max_bank = max_bank
+        self.max_fit_patches = max_fit_patches
         self.nn_search = nn_search
         self.global_weight = global_weight
         self.sigma = sigma
@@ -97,6 +99,8 @@ class PatchCore(AnomalyModel):
             raise ConfigError(f"position_weight must be >= 0, got {self.position_weight}")
         if self.max_bank < 1:
             raise ConfigError(f"max_bank must be >= 1, got {self.max_bank}")
+        if self.max_fit_patches < 1:
+            raise ConfigError(f"max_fit_patches must be >= 1, got {self.max_fit_patches}")
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -108,16 +112,22 @@ class PatchCore(AnomalyModel):
     def _grid_multiple(self) -> int:
         return max(self.extractor.strides)
 
-    def _embed_batches(
-        self, images: Sequence[Image], progress: Progress | None, stage: str
-    ) -> dict[int, np.ndarray]:
-        """Patch embeddings (h, w, C) per image index, images batched by network size."""
+    def _sizes(self, images: Sequence[Image]) -> list[tuple[int, int]]:
+        """Network input size (h, w) of each image."""
         multiple = self._grid_multiple()
+        return [
+            fit_size(img.shape[0], img.shape[1], self.image_size, multiple, self.keep_aspect)
+            for img in images
+        ]
+
+    def _iter_embeddings(
+        self, images: Sequence[Image], progress: Progress | None, stage: str
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(image index, patch embeddings (h, w, C)), images batched by network size;
+        only one batch of embeddings is alive at a time."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, img in enumerate(images):
-            size = fit_size(img.shape[0], img.shape[1], self.image_size, multiple, self.keep_aspect)
+        for i, size in enumerate(self._sizes(images)):
             groups[size].append(i)
-        out: dict[int, np.ndarray] = {}
         done = 0
         with torch.inference_mode():
             for size, idx in groups.items():
@@ -129,33 +139,78 @@ class PatchCore(AnomalyModel):
                     emb = patch_embedding(feats, self.neighbourhood, grid)
                     emb = with_position(emb, self.position_weight)
                     emb = emb.permute(0, 2, 3, 1).contiguous().numpy()
-                    for j, i in enumerate(chunk):
-                        out[i] = emb[j]
                     done += len(chunk)
+                    for j, i in enumerate(chunk):
+                        yield i, emb[j]
                     if progress is not None:
                         progress(stage, done, len(images))
-        return out
+
+    def _embed_batches(
+        self, images: Sequence[Image], progress: Progress | None, stage: str
+    ) -> dict[int, np.ndarray]:
+        """Patch embeddings (h, w, C) per image index."""
+        return dict(self._iter_embeddings(images, progress, stage))
+
+    def _patch_quota(self, images: Sequence[Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Patches on each image's grid, and how many of them enter the coreset.
+
+        All of them while the total fits in ``max_fit_patches``; above it, the
+        same fraction of every image (at least one patch), so the pool held in
+        memory stays at about ``max_fit_patches`` x (4 x features + 12) bytes
+        whatever the number of images.
+        """
+        grids = np.array(
+            [(h // self.grid_stride) * (w // self.grid_stride) for h, w in self._sizes(images)],
+            dtype=np.int64,
+        )
+        total = int(grids.sum())
+        if total <= self.max_fit_patches:
+            return grids, grids.copy()
+        quota = np.floor(grids * (self.max_fit_patches / total)).astype(np.int64)
+        return grids, np.clip(quota, 1, grids)
+
+    def _sample_patches(self, i: int, n_grid: int, n_keep: int) -> np.ndarray:
+        """Sorted indices of the patches of image ``i`` kept for the coreset:
+        a random subset seeded by (seed, i), so the result does not depend on
+        batching or on the other images."""
+        if n_keep >= n_grid:
+            return np.arange(n_grid)
+        rng = np.random.default_rng([self.seed, i])
+        return np.sort(rng.choice(n_grid, size=n_keep, replace=False))
 
     # -- contract ---------------------------------------------------------------
     def fit(self, images: Sequence[Image], progress: Progress | None = None) -> PatchCore:
+        """Fill the memory bank by greedy coreset over the training patches.
+
+        Embeddings are computed batch by batch and written straight into one
+        pool; above ``max_fit_patches`` patches in all, each image contributes a
+        seeded random sample of its patches (the same fraction for every image)
+        so memory stays bounded on large training sets (see ``_patch_quota``).
+        """
         self._validate()
         images = check_images(images)
-        emb = self._embed_batches(images, progress, "features")
-        dim = next(iter(emb.values())).shape[-1]
-        total = sum(e.shape[0] * e.shape[1] for e in emb.values())
-        feats = np.empty((total, dim), dtype=np.float32)
+        grids, quota = self._patch_quota(images)
+        offsets = np.concatenate([[0], np.cumsum(quota)])
+        total = int(offsets[-1])
+        self.fit_patches_ = (int(grids.sum()), total)  # (on the grids, in the pool)
+        feats: np.ndarray | None = None
         origin = np.empty((total, 3), dtype=np.int32)  # (image, row, col) on the patch grid
-        pos = 0
-        descriptors = []
-        for i in range(len(images)):
-            e = emb.pop(i)
-            descriptors.append(self._descriptor(e))
+        descriptors: list[np.ndarray | None] = [None] * len(images)
+        stage = "features"
+        if total < grids.sum():
+            stage = f"features (coreset pool: {total:,} of {int(grids.sum()):,} patches)"
+        for i, e in self._iter_embeddings(images, progress, stage):
+            if feats is None:
+                feats = np.empty((total, e.shape[-1]), dtype=np.float32)
+            descriptors[i] = self._descriptor(e)
             h, w = e.shape[:2]
-            feats[pos : pos + h * w] = e.reshape(-1, dim)
-            rows, cols = np.divmod(np.arange(h * w), w)
-            origin[pos : pos + h * w] = np.stack([np.full(h * w, i), rows, cols], axis=1)
-            pos += h * w
-        n_keep = int(min(self.max_bank, max(1, round(total * self.coreset_ratio))))
+            take = self._sample_patches(i, h * w, int(quota[i]))
+            lo, hi = offsets[i], offsets[i + 1]
+            feats[lo:hi] = e.reshape(-1, e.shape[-1])[take]
+            rows, cols = np.divmod(take, w)
+            origin[lo:hi] = np.stack([np.full(len(take), i), rows, cols], axis=1)
+        assert feats is not None
+        n_keep = int(min(self.max_bank, max(1, round(int(grids.sum()) * self.coreset_ratio))))
         keep = greedy_coreset(
             feats,
             n_keep,
@@ -279,6 +334,7 @@ class PatchCore(AnomalyModel):
                 "layers": self.layers,
                 "global_ref": self.global_ref_,
                 "local_ref": self.local_ref_,
+                "fit_patches": list(self.fit_patches_),
             },
         )
 
@@ -294,6 +350,8 @@ class PatchCore(AnomalyModel):
         self.memory_bank_ = bank
         self.bank_origin_ = origin.astype(np.int32)
         self.n_train_images_ = int(info.get("n_train_images", 0))
+        fp = info.get("fit_patches")  # absent in files written before it was recorded
+        self.fit_patches_ = (int(fp[0]), int(fp[1])) if fp else (0, 0)
         self._index = None
         gb, gm, gs = arrays.get("global_bank"), arrays.get("global_mean"), arrays.get("global_std")
         if gb is None:  # written before the whole-image score existed
