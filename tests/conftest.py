@@ -55,3 +55,13 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         n_test_per_defect=3,
     )
     return paths["stone"]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The bad-input table of tests/test_robustness.py, when those tests ran."""
+    import sys
+
+    badinputs = sys.modules.get("badinputs")
+    if badinputs is not None and badinputs.OUTCOMES:
+        terminalreporter.write_sep("=", "bad inputs: outcome per case and entry point")
+        terminalreporter.write_line(badinputs.outcome_table())

@@ -11,6 +11,7 @@ An MVTec AD style dataset (one product category) looks like::
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,16 +45,20 @@ def is_image_file(path: PathLike) -> bool:
 
 # -- listing -------------------------------------------------------------------
 def list_images(
-    inputs: PathLike | Iterable[PathLike], *, recursive: bool = True
+    inputs: PathLike | Iterable[PathLike], *, recursive: bool = True, report_empty: bool = False
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand files and folders into a list of image paths.
 
     Returns ``(paths, problems)``. Files named explicitly are kept whatever their
     extension, so a bad one gets its own error when loaded. Folders are walked
     (recursively by default) in sorted order, keeping files with an image
-    extension and skipping hidden files and folders (names starting with ``.``);
+    extension (and image-named symbolic links that lead nowhere, so that loading
+    them reports the broken link) and skipping hidden files and folders (names
+    starting with ``.``);
     symbolic links to folders are followed once, so link loops end. ``problems``
-    lists inputs that do not exist and folders that cannot be read, with a reason.
+    lists inputs that do not exist and folders that cannot be read, with a reason;
+    with ``report_empty``, also folders named in ``inputs`` that hold no image file
+    (so that ``inspect some_folder`` with nothing in it is not a silent success).
     Paths are returned as found (not resolved), so callers can map them back to
     their inputs; exact duplicates are dropped.
     """
@@ -72,17 +77,30 @@ def list_images(
         p = Path(item)
         if os.path.isdir(p):
             found: list[Path] = []
+            n_problems = len(problems)
             _walk(p, found, problems, recursive=recursive, visited=set())
+            if report_empty and not found and len(problems) == n_problems:
+                problems.append((p, f"a folder with no image files (extensions: {_ext_list()})"))
             found.sort(key=lambda f: f.parts)
             for f in found:
                 keep(f)
         elif os.path.exists(p):
             keep(p)  # an explicit file (or FIFO, ...): load_image gives the verdict
         elif os.path.islink(p):
-            problems.append((p, "broken symbolic link"))
+            problems.append((p, _link_problem(p)))
         else:
             problems.append((p, _missing_reason(p)))
     return paths, problems
+
+
+def _link_problem(p: Path) -> str:
+    """Why a symbolic link leads nowhere: a loop, or a missing target."""
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (too many levels of symbolic links)"
+    return "broken symbolic link"
 
 
 def _missing_reason(p: Path) -> str:
@@ -128,7 +146,9 @@ def _walk(
         try:
             is_dir = entry.is_dir()  # follows symlinks
             is_file = not is_dir and entry.is_file()
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and is_image_file(entry.name):
+                found.append(path)  # a link loop: loading it says so
             continue
         if is_dir:
             if recursive:
@@ -136,7 +156,9 @@ def _walk(
         elif is_file and is_image_file(entry.name):
             found.append(path)
         elif entry.is_symlink() and is_image_file(entry.name) and not os.path.exists(path):
-            problems.append((path, "broken symbolic link"))
+            # listed, not dropped: whoever reads the folder (fit, evaluate, report,
+            # inspect) then reports "broken symbolic link" for it like any bad file
+            found.append(path)
 
 
 # -- MVTec AD layout ----------------------------------------------------------
@@ -211,7 +233,8 @@ def read_mvtec(root: PathLike, *, require_test: bool = True) -> MVTecDataset:
 
 def fit_images(root: PathLike) -> list[Path]:
     """The good images to fit on: ``train/good`` of an MVTec layout, else every image
-    under the folder."""
+    under the folder (refused when the folder has ``test/`` or ``ground_truth/``: an
+    MVTec layout missing its ``train/good``, whose defects must not be fitted on)."""
     root = Path(root)
     if not os.path.exists(root):
         raise DatasetError(f"folder not found: {root}")
@@ -219,6 +242,13 @@ def fit_images(root: PathLike) -> list[Path]:
         raise DatasetError(f"not a folder: {root}")
     if is_mvtec(root):
         return read_mvtec(root, require_test=False).train
+    marks = [d for d in ("test", "ground_truth") if os.path.isdir(root / d)]
+    if marks:
+        # an MVTec layout without train/good: walking it would fit on its defects
+        raise DatasetError(
+            f"{root} has {' and '.join(d + '/' for d in marks)} but no train/good folder: "
+            "an MVTec-style dataset needs train/good with defect-free images to fit on"
+        )
     paths, problems = list_images([root])
     if not paths:
         detail = f"; {problems[0][0]}: {problems[0][1]}" if problems else ""

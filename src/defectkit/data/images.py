@@ -161,6 +161,8 @@ def _os_problem(exc: OSError, name: str) -> str:
         return "permission denied"
     if exc.errno == errno.EISDIR:
         return "is a directory, not an image file"
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links)"
     return f"cannot read file: {exc.strerror or exc}"
 
 

@@ -16,6 +16,12 @@ set):
 
 Images are scored by one worker thread, one at a time, so that concurrent
 requests queue instead of oversubscribing the CPU cores.
+
+While the results database is down (at start or later), requests that need it
+get 503 with ``Retry-After`` and nothing is recorded; ``POST /inspect`` can be
+sent again and is then recorded once. The service recovers by itself when the
+database answers again (no restart); the SPC charts and ``/metrics`` keep
+answering meanwhile.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from PIL import Image
 from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from defectkit.data.images import decode_image_bytes
 from defectkit.detector import Detector
@@ -55,6 +63,10 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_TEXT = 200
 #: results replayed into the SPC charts at start
 REPLAY = 50_000
+#: what a database that is down, locked or unreachable raises (answered with 503)
+DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+#: seconds a client is asked to wait before retrying while the database is down
+RETRY_AFTER = 5
 
 
 class Review(BaseModel):
@@ -98,6 +110,12 @@ def _text(value: str | None, name: str) -> str | None:
     return value
 
 
+def _brief(exc: BaseException) -> str:
+    """The driver's message of a database error, first line only (no SQL)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
 def _parse_time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
@@ -125,13 +143,26 @@ def create_app(
     metrics = _Metrics()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectkit-score")
 
-    # replay stored results (the newest REPLAY) so that charts continue after a restart
-    total = store.count()
-    for row in store.query(limit=REPLAY, offset=max(0, total - REPLAY), newest_first=False).items:
-        monitor.update(
-            row.score, row.is_defect, lot=row.lot, created_at=row.created_at,
-            result_id=row.id, notify=False,
-        )  # fmt: skip
+    replay_pending = True
+
+    def replay() -> None:
+        """Feed stored results (the newest REPLAY) to the charts, once, so that they
+        continue after a restart. Rows are read before any is fed: a database
+        failure midway leaves the charts untouched for the next try."""
+        nonlocal replay_pending
+        total = store.count()
+        rows = store.query(limit=REPLAY, offset=max(0, total - REPLAY), newest_first=False).items
+        for row in rows:
+            monitor.update(
+                row.score, row.is_defect, lot=row.lot, created_at=row.created_at,
+                result_id=row.id, notify=False,
+            )  # fmt: skip
+        replay_pending = False
+
+    try:
+        replay()
+    except DB_UNAVAILABLE as e:  # start anyway: /health says 503 until the database answers
+        log.warning("results database unavailable at start (%s); retrying on use", _brief(e))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -154,8 +185,22 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def _http_error(_req: Request, exc: HTTPException) -> JSONResponse:
         metrics.rejected[exc.status_code] += 1
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers or None)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeoutError)
+    async def _db_down(_req: Request, exc: Exception) -> JSONResponse:
+        metrics.rejected[503] += 1
+        log.warning("results database unavailable: %s", _brief(exc))
+        return JSONResponse(
+            {"detail": f"results database unavailable ({_brief(exc)}); retry later"},
+            503,
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -171,12 +216,29 @@ def create_app(
         except ImageError as e:
             raise HTTPException(415, f"not a usable image: {e}") from None
         ins = inspect_image(detector, image, name)
-        row = store.add(ins.record, data, _png(ins.overlay), filename=name, **meta)
+        try:
+            if replay_pending:  # the database was down at start
+                replay()
+            row = store.add(ins.record, data, _png(ins.overlay), filename=name, **meta)
+        except DB_UNAVAILABLE as e:
+            # no row was committed: the client may send the image again, and it is
+            # then recorded once
+            raise HTTPException(
+                503,
+                f"results database unavailable ({_brief(e)}): the result was not "
+                "recorded; send the image again",
+                headers={"Retry-After": str(RETRY_AFTER)},
+            ) from None
         events = monitor.update(
             row.score, row.is_defect, lot=row.lot, created_at=row.created_at, result_id=row.id
         )
         for e in events:
-            store.add_alarm(e.chart, e.rule, e.message, e.result_id)
+            try:
+                store.add_alarm(e.chart, e.rule, e.message, e.result_id)
+            except DB_UNAVAILABLE as exc:
+                # the result is committed: answering 503 now would make the client
+                # send it again and record it twice; the alarm stays in /spc
+                log.warning("SPC alarm not stored (%s): %s", _brief(exc), e.message)
         with metrics.lock:
             metrics.alarms += len(events)
             verdict = {True: "ng", False: "ok", None: "unknown"}[row.is_defect]
@@ -292,7 +354,11 @@ def create_app(
     @app.get("/spc")
     def spc_state() -> dict[str, Any]:
         state = monitor.state()
-        state["stored_alarms"] = [a.to_dict() for a in store.alarms()]
+        try:
+            state["stored_alarms"] = [a.to_dict() for a in store.alarms()]
+        except DB_UNAVAILABLE:  # the charts live in memory: still show them
+            state["stored_alarms"] = []
+            state["stored_alarms_unavailable"] = True
         return state
 
     @app.get("/model")
@@ -345,11 +411,16 @@ def create_app(
                 "# TYPE defectkit_spc_alarms_total counter",
                 f"defectkit_spc_alarms_total {metrics.alarms}",
             ]
-        lines += [
-            "# HELP defectkit_results_stored Rows in the results table.",
-            "# TYPE defectkit_results_stored gauge",
-            f"defectkit_results_stored {store.count()}",
-        ]
+        try:
+            stored = store.count()
+        except DB_UNAVAILABLE:  # still answer: the counters above matter most then
+            stored = None
+        if stored is not None:
+            lines += [
+                "# HELP defectkit_results_stored Rows in the results table.",
+                "# TYPE defectkit_results_stored gauge",
+                f"defectkit_results_stored {stored}",
+            ]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     if DASHBOARD.is_dir():
