@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 some input files failed (the rest were processed);
 from __future__ import annotations
 
 import inspect as pyinspect
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -51,8 +53,47 @@ EXIT_USAGE = 2
 
 def _fail(message: str) -> typer.Exit:
     # one line, never wrapped: an error naming a long path must stay greppable
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {_shown(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_USAGE)
+
+
+def _check_method_params(model_cls: Any, params: dict[str, Any]) -> None:
+    """Setting values, not only names, checked before any image is read: the
+    method's own ``_validate`` where it has one, and the backbone's name."""
+    from defectkit.errors import ConfigError
+
+    try:
+        model = model_cls(**params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method {model_cls.name!r}: bad setting ({e})") from None
+    validate = getattr(model, "_validate", None)
+    if callable(validate):
+        validate()
+    backbone = params.get("backbone")
+    if isinstance(backbone, str):
+        from defectkit.backbones import stage_ends
+
+        stage_ends(backbone)  # ConfigError naming the known backbones
+
+
+def _write_error(path: Path, e: OSError) -> str:
+    """Message for a model file that could not be written (writes are atomic)."""
+    return (
+        f"{path}: cannot write the model file ({e.strerror or e}); "
+        "a model file already there is left unchanged"
+    )
+
+
+def _shown(text: object) -> str:
+    """Text (often a file name) safe to print with Rich: markup such as ``[/]`` in a
+    name escaped, and bytes of a name that are not UTF-8 (surrogates) shown as
+    backslash escapes instead of failing with UnicodeEncodeError."""
+    s = str(text)
+    try:
+        s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return escape(s)
 
 
 @contextmanager
@@ -131,7 +172,7 @@ def fit(
     min_region_area: Annotated[
         int, typer.Option(help="regions smaller than this many pixels are dropped as specks")
     ] = DEFAULT_MIN_AREA,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed", min=0)] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     manifest: Annotated[
         Path | None,
@@ -200,6 +241,11 @@ def fit(
         if "seed" in pyinspect.signature(model_cls).parameters:
             params.setdefault("seed", seed)
         model_cls.check_params(params)
+        _check_method_params(model_cls, params)
+        if calibration_dir is None and not 0 <= calibration_fraction < 1:
+            raise _fail(f"--calibration-fraction must be in [0, 1), got {calibration_fraction}")
+        if out_path.is_dir():
+            raise _fail(f"--out {out_path} is a folder; give the model file to write (.dkm)")
         paths = fit_images(data)
         if not 0 < false_alarm_rate < 1:
             raise _fail(f"--false-alarm-rate must be in (0, 1), got {false_alarm_rate}")
@@ -252,7 +298,7 @@ def fit(
         defect_images, defect_ok, defect_errors = load_all(defect_paths)
         errors = errors + defect_errors
     for p, problem in errors:
-        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if not images:
         raise _fail(f"none of the {len(paths)} images under {data} could be read")
     try:
@@ -284,7 +330,7 @@ def fit(
                     **{k: v for k, v in clf_info.items() if k != "train_images"},
                 }
                 for p, problem in clf_errors:
-                    err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+                    err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
                 errors = errors + clf_errors
         det.info["data"] = str(data)
         if calibration_dir is not None:
@@ -292,7 +338,10 @@ def fit(
         if defects is not None:
             det.info["defects_data"] = str(defects)
         det.info["n_skipped_files"] = len(errors)
-        det.save(out_path)
+        try:
+            det.save(out_path)
+        except OSError as e:  # disk full, read-only folder, ...: no traceback
+            raise _fail(_write_error(out_path, e)) from None
     except DefectkitError as e:
         raise _fail(str(e)) from None
     thr = det.threshold
@@ -431,11 +480,14 @@ def _fit_classifier(
             else ("class folders: all images train (a stratified share validates)")
         )
         provenance["n_skipped_files"] = len(errors)
-        clf.save(out_path, provenance)
+        try:
+            clf.save(out_path, provenance)
+        except OSError as e:
+            raise _fail(_write_error(out_path, e)) from None
     except DefectkitError as e:
         raise _fail(str(e)) from None
     for p, problem in errors:
-        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     err.print(
         f"fitted [bold]classifier[/] in {time.perf_counter() - t0:.1f} s -> {out_path}",
         highlight=False,
@@ -477,6 +529,8 @@ def _decision_options(mm_per_pixel: float | None, severity_rules: Path | None) -
 
 MM_PER_PIXEL_HELP = "pixel size in mm, to give region areas in mm^2"
 SEVERITY_RULES_HELP = "JSON or TOML file of severity rules (see decide/severity.py)"
+RUNTIME_HELP = "auto (onnx for a bundle folder from `defectkit export`), torch or onnx"
+TILE_HELP = "score large images in tiles of this many px (model fitted on such tiles)"
 
 
 @app.command()
@@ -487,10 +541,30 @@ def inspect(
     maps_out: Annotated[
         Path | None, typer.Option(help="write heatmap overlays with region outlines here")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="images scored together")] = 16,
+    batch_size: Annotated[int, typer.Option(help="images scored together", min=1)] = 16,
     mm_per_pixel: Annotated[float | None, typer.Option(help=MM_PER_PIXEL_HELP)] = None,
     severity_rules: Annotated[Path | None, typer.Option(help=SEVERITY_RULES_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    engine: Annotated[str, typer.Option(help="local, or ray (a Ray cluster batch job)")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="ray: cluster address (default: start a local Ray)")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="ray: actors, each loading the model once")] = 1,
+    parquet: Annotated[
+        Path | None, typer.Option(help="ray: also write the results to this Parquet file")
+    ] = None,
+    db: Annotated[
+        str | None, typer.Option(help="ray: also store results in this database (as serve)")
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="ray, with --db: where stored images go (as serve)")
+    ] = Path("defectkit-results"),
+    runtime: Annotated[str, typer.Option(help=RUNTIME_HELP)] = "auto",
+    tile: Annotated[int | None, typer.Option(help=TILE_HELP)] = None,
+    tile_overlap: Annotated[
+        int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
+    ] = None,
+    tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
 ) -> None:
     """Score images; one JSON object per image on stdout (exit 1 if any file failed).
 
@@ -516,13 +590,38 @@ def inspect(
     if fmt not in ("jsonl", "table"):
         raise _fail(f"--format must be jsonl or table, got {fmt!r}")
     rules = _decision_options(mm_per_pixel, severity_rules)
-    det = _load_any_model(model)
+    if engine not in ("local", "ray"):
+        raise _fail(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (parquet is not None or db is not None):
+        raise _fail("--parquet and --db need --engine ray")
+    tiling = _tiling_options(tile, tile_overlap, tile_blend)
+    if engine == "ray" and (tiling is not None or runtime == "onnx" or model.is_dir()):
+        raise _fail("--tile and ONNX bundles (--runtime onnx) need --engine local")
+    det = _load_any_model(model, runtime)
+    if engine == "ray":
+        _inspect_ray(
+            det,
+            model,
+            inputs,
+            fmt,
+            maps_out,
+            batch_size,
+            mm_per_pixel,
+            rules,
+            quiet,
+            address=address,
+            workers=workers,
+            parquet=parquet,
+            db=db,
+            data_dir=data_dir,
+        )
+        return
     if isinstance(det, DefectClassifier):
         if maps_out is not None:
             raise _fail(f"{model} holds a classifier alone: no anomaly maps for --maps-out")
         _inspect_classifier(det, inputs, fmt, batch_size, quiet)
         return
-    paths, problems = list_images(inputs)
+    paths, problems = list_images(inputs, report_empty=True)
     threshold = det.threshold.value if det.threshold else None
     pixel_threshold = det.region_threshold
     # overlays colour maps on their own scale (a re-scored image threshold is not)
@@ -564,7 +663,7 @@ def inspect(
             result = None
             if good:
                 try:
-                    result = det.score([b.image for b in good])
+                    result = _score_images(det, [b.image for b in good], tiling)
                 except DefectkitError as e:  # e.g. model/backbone mismatch: nothing will work
                     raise _fail(str(e)) from None
             decisions = det.decide(result.scores) if result is not None else None
@@ -624,17 +723,84 @@ def inspect(
         for r in rows:
             verdict = "" if r["is_defect"] is None else ("NG" if r["is_defect"] else "OK")
             cells = [
-                r["path"],
+                _shown(r["path"]),
                 "" if r["score"] is None else f"{r['score']:.4g}",
                 verdict,
                 r["severity"] or "",
                 "" if r["regions"] is None else str(len(r["regions"])),
-                r["error"] or "",
+                _shown(r["error"] or ""),
             ]
             if types is not None:
                 cells.insert(5, r.get("defect_type") or "")
             table.add_row(*cells)
         out.print(table)
+    if n_failed:
+        err.print(f"[yellow]{n_failed} file(s) could not be inspected[/]")
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _inspect_ray(
+    det: Any,
+    model: Path,
+    inputs: list[Path],
+    fmt: str,
+    maps_out: Path | None,
+    batch_size: int,
+    mm_per_pixel: float | None,
+    rules: Any,
+    quiet: bool,
+    *,
+    address: str | None,
+    workers: int,
+    parquet: Path | None,
+    db: str | None,
+    data_dir: Path,
+) -> None:
+    """inspect --engine ray: the same lines as the local engine, scored by a pool
+    of Ray actors (defectkit/scale/ray_engine.py); optionally Parquet and the
+    results database too."""
+    from defectkit.classify.classifier import DefectClassifier
+    from defectkit.data.datasets import list_images
+    from defectkit.scale.ray_engine import ResultSinks, import_ray, inspect_paths, records_table
+    from defectkit.scale.records import failed_record
+
+    if isinstance(det, DefectClassifier):
+        raise _fail(f"{model} holds a classifier alone: --engine ray needs an anomaly detector")
+    if fmt != "jsonl":
+        raise _fail("--engine ray writes --format jsonl only")
+    if workers < 1 or batch_size < 1:
+        raise _fail("--workers and --batch-size must be >= 1")
+    try:
+        import_ray()
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+    paths, problems = list_images(inputs, report_empty=True)
+    if maps_out is not None:
+        maps_out.mkdir(parents=True, exist_ok=True)
+    n_failed = 0
+    # inputs that do not exist come first (index -1), as in the local engine
+    missing = [failed_record(det, str(p), problem) for p, problem in problems]
+    first = [records_table([-1] * len(missing), missing)] if missing else []
+    batches = inspect_paths(
+        model,
+        paths,
+        workers=workers,
+        address=address,
+        batch_size=batch_size,
+        mm_per_pixel=mm_per_pixel,
+        rules=rules,
+        maps_out=maps_out,
+        progress_bars=not quiet,
+    )
+    with ResultSinks(parquet, db, data_dir) as sinks:
+        for table in itertools.chain(first, batches):
+            for line in table.column("record").to_pylist():
+                sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            n_failed += table.num_rows - table.column("error").null_count
+            sinks.write(table)
+    if db is not None and not quiet:
+        err.print(f"{sinks.n_stored} result(s) stored in {_shown(db)}", highlight=False)
     if n_failed:
         err.print(f"[yellow]{n_failed} file(s) could not be inspected[/]")
         raise typer.Exit(EXIT_FILES_FAILED)
@@ -650,14 +816,55 @@ def _type_fields(types: list[str], proba: np.ndarray | None) -> dict[str, Any]:
     }
 
 
-def _load_any_model(model: Path) -> Any:
-    """A Detector, or a DefectClassifier stored alone."""
+def _load_any_model(model: Path, runtime: str = "torch") -> Any:
+    """A Detector, or a DefectClassifier stored alone; from an ONNX bundle folder
+    with ``runtime`` onnx (or auto), its backbone then runs in onnxruntime."""
     from defectkit.detector import load_model
+    from defectkit.export.onnx_bundle import read_bundle
 
+    if runtime not in ("auto", "torch", "onnx"):
+        raise _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
     try:
+        if runtime == "onnx" or (runtime == "auto" and model.is_dir()):
+            from defectkit.export.runtime import load_onnx_detector
+
+            if not model.is_dir():
+                raise _fail(
+                    f"{model}: --runtime onnx needs a bundle folder; make one with "
+                    f"`defectkit export {model} --format onnx --out DIR`"
+                )
+            return load_onnx_detector(model)
+        if model.is_dir():  # a bundle run with PyTorch: its detector file, verified
+            return load_model(read_bundle(model).detector_path)
         return load_model(model)
     except DefectkitError as e:
         raise _fail(str(e)) from None
+
+
+def _tiling_options(tile: int | None, overlap: int | None, blend: str) -> Any:
+    """(tile, overlap, blend) checked before any long work; None without --tile."""
+    from defectkit.tiling import BLENDS, check_tiling
+
+    if tile is None:
+        if overlap is not None:
+            raise _fail("--tile-overlap needs --tile")
+        return None
+    if blend not in BLENDS:
+        raise _fail(f"--tile-blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    try:
+        return tile, check_tiling(tile, overlap), blend
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+
+
+def _score_images(det: Any, images: list[Any], tiling: Any) -> Any:
+    """The detector's scores, tile by tile when ``tiling`` is set."""
+    if tiling is None:
+        return det.score(images)
+    from defectkit.tiling import score_tiled
+
+    tile, overlap, blend = tiling
+    return score_tiled(det, images, tile, overlap, blend=blend)
 
 
 def _inspect_classifier(clf: Any, inputs: list[Path], fmt: str, batch_size: int, quiet: bool):
@@ -665,7 +872,7 @@ def _inspect_classifier(clf: Any, inputs: list[Path], fmt: str, batch_size: int,
     from defectkit.data.batches import iter_batches
     from defectkit.data.datasets import list_images
 
-    paths, problems = list_images(inputs)
+    paths, problems = list_images(inputs, report_empty=True)
     types = clf.classes_
     rows: list[dict[str, Any]] = []
     n_failed = 0
@@ -720,10 +927,10 @@ def _inspect_classifier(clf: Any, inputs: list[Path], fmt: str, batch_size: int,
         table = Table("path", "type", "probability", "error")
         for r in rows:
             table.add_row(
-                r["path"],
-                r["defect_type"] or "",
+                _shown(r["path"]),
+                _shown(r["defect_type"] or ""),
                 "" if r["score"] is None else f"{r['score']:.3f}",
-                r["error"] or "",
+                _shown(r["error"] or ""),
             )
         out.print(table)
     if n_failed:
@@ -763,6 +970,7 @@ def evaluate(
         Path | None,
         typer.Option(help="CSV image,class,split: classifiers are evaluated on its test rows"),
     ] = None,
+    runtime: Annotated[str, typer.Option(help=RUNTIME_HELP)] = "auto",
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
 
@@ -776,7 +984,7 @@ def evaluate(
     if fmt not in ("json", "table"):
         raise _fail(f"--format must be json or table, got {fmt!r}")
     manifest = _resolve_manifest(manifest, data)
-    det = _load_any_model(model)
+    det = _load_any_model(model, runtime)
     if isinstance(det, DefectClassifier):
         _evaluate_classifier(det, data, manifest, fmt, quiet)
         return
@@ -794,8 +1002,15 @@ def evaluate(
         raise _fail(str(e)) from None
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     metrics["n_failed_files"] = len(errors)
+    if not (metrics["n_good"] and metrics["n_defect"]):
+        missing = "defective" if metrics["n_good"] else "good"
+        err.print(
+            f"[yellow]warning:[/] no {missing} images were scored: AUROC, AP, F1 and the "
+            "pixel metrics are undefined (NaN)",
+            highlight=False,
+        )
     for p, problem in errors:
-        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if fmt == "json":
         sys.stdout.write(json.dumps(metrics, default=_json_default) + "\n")
     else:
@@ -839,7 +1054,7 @@ def _evaluate_classifier(
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["n_failed_files"] = len(errors)
     for p, problem in errors:
-        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if fmt == "json":
         sys.stdout.write(json.dumps(report, default=_json_default) + "\n")
     else:
@@ -908,6 +1123,27 @@ def info(
     else:
         described = det.describe(full)
     sys.stdout.write(json.dumps(described, indent=2, default=_json_default) + "\n")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="model file from `defectkit fit`")],
+    out: Annotated[Path, typer.Option(help="bundle folder to write (replaced if a bundle)")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+) -> None:
+    """Write MODEL as a bundle folder: the backbone as ONNX, the learned arrays as
+    safetensors, a JSON manifest with checksums. `defectkit inspect DIR` runs it
+    with onnxruntime (same output lines and decisions as the PyTorch path)."""
+    from defectkit.export.onnx_bundle import export_onnx
+
+    if fmt != "onnx":
+        raise _fail(f"--format must be onnx, got {fmt!r}")
+    det = _load_detector(model)
+    try:
+        export_onnx(det, out)
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+    err.print(f"wrote ONNX bundle {out} ({det.model.name})", highlight=False)
 
 
 TARGETS = ("false-alarm-rate", "miss-rate", "f1")
@@ -998,7 +1234,7 @@ def calibrate(
         except DefectkitError as e:
             raise _fail(str(e)) from None
     for p, problem in scored.errors:
-        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     y = scored.label_array
     scores = scored.score_array
     good, bad = scores[y == 0], scores[y == 1]
@@ -1037,6 +1273,8 @@ def calibrate(
         )
     except DefectkitError as e:
         raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(_write_error(out_path or model, e)) from None
     record = {
         "model": str(written),
         "threshold": new.to_dict(),
@@ -1104,7 +1342,7 @@ def report(
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     summary["report"] = str(out_path)
     for p, problem in scored.errors:
-        err.print(f"[yellow]skipped[/] {p}: {problem}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if fmt == "json":
         sys.stdout.write(json.dumps(summary, default=_json_default) + "\n")
     else:

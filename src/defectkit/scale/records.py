@@ -1,0 +1,123 @@
+"""``inspect`` result objects for a batch of loaded files, exactly as the local
+``defectkit inspect`` writes them (same keys, same rounding), so that a batch
+job on a cluster and the local command give the same lines.
+
+Kept free of Ray so it can be used (and tested) without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectkit.data.batches import Loaded
+from defectkit.detector import Detector
+
+
+def json_float(x: float | None) -> float | None:
+    """A finite float rounded to 6 decimals (as in the CLI), else None."""
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+def type_fields(types: Sequence[str], proba: np.ndarray | None) -> dict[str, Any]:
+    """defect_type and type_probabilities of one image (None when not classified)."""
+    if proba is None:
+        return {"defect_type": None, "type_probabilities": None}
+    return {
+        "defect_type": types[int(np.argmax(proba))],
+        "type_probabilities": {t: round(float(p), 6) for t, p in zip(types, proba, strict=True)},
+    }
+
+
+def failed_record(det: Detector, path: str, problem: str | None) -> dict[str, Any]:
+    """The line of a file that could not be inspected."""
+    rec: dict[str, Any] = {
+        "path": path,
+        "score": None,
+        "is_defect": None,
+        "threshold": det.threshold.value if det.threshold else None,
+        "error": problem,
+        "regions": None,
+        "severity": None,
+    }
+    if det.classifier is not None:
+        rec.update(defect_type=None, type_probabilities=None)
+    return rec
+
+
+def inspect_loaded(
+    det: Detector,
+    items: Sequence[Loaded],
+    names: Sequence[str],
+    *,
+    mm_per_pixel: float | None = None,
+    rules: Any = None,
+    maps_out: Path | None = None,
+    numbers: Sequence[int] | None = None,
+    maps_shown: Path | None = None,
+) -> list[dict[str, Any]]:
+    """One record per item (``names`` are the paths written in the records).
+
+    Files that did not load get their error; the others are scored together.
+    With ``maps_out``, overlays are written as ``{number:06d}_{stem}_overlay.png``
+    (``numbers``: 1-based positions in the whole input list, as in the CLI) and
+    named in the records under ``maps_shown`` (default ``maps_out``).
+    """
+    from defectkit.data.images import save_png
+    from defectkit.decide.overlay import region_overlay
+    from defectkit.decide.regions import overall_severity
+
+    types = det.classifier.classes_ if det.classifier is not None else None
+    threshold = det.threshold.value if det.threshold else None
+    good = [j for j, it in enumerate(items) if it.image is not None]
+    out: list[dict[str, Any]] = [
+        failed_record(det, names[j], it.error) for j, it in enumerate(items)
+    ]
+    if not good:
+        return out
+    result = det.score([items[j].image for j in good])
+    decisions = det.decide(result.scores)
+    type_of: dict[int, np.ndarray] = {}
+    if types is not None:
+        chosen = [k for k in range(len(good)) if decisions is None or decisions[k]]
+        if chosen:
+            proba = det.classify([items[good[k]].image for k in chosen])
+            type_of = dict(zip(chosen, proba, strict=True))
+    for k, j in enumerate(good):
+        image = items[j].image
+        assert image is not None
+        is_defect = None if decisions is None else bool(decisions[k])
+        regions, labels = det.locate_regions(
+            result.maps[k], is_defect, mm_per_pixel=mm_per_pixel, rules=rules
+        )
+        rec: dict[str, Any] = {
+            "path": names[j],
+            "score": json_float(float(result.scores[k])),
+            "is_defect": is_defect,
+            "threshold": threshold,
+            "error": None,
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "regions": [r.to_dict() for r in regions],
+            "severity": overall_severity(regions, is_defect),
+            "pixel_threshold": det.region_threshold,
+        }
+        if result.extras:
+            extra = result.extras[k]
+            rec["evidence"] = extra
+            if "nearest_good" in extra:
+                rec["closest_good"] = det.closest_good(extra)
+        if types is not None:
+            rec.update(type_fields(types, type_of.get(k)))
+        if maps_out is not None:
+            number = numbers[j] if numbers is not None else j + 1
+            name = f"{number:06d}_{items[j].path.stem}_overlay.png"
+            overlay = region_overlay(image, result.maps[k], det.map_threshold, regions, labels)
+            save_png(maps_out / name, overlay)
+            rec["overlay"] = str((maps_shown or maps_out) / name)
+        out[j] = rec
+    return out
