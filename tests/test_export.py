@@ -123,6 +123,63 @@ def test_manifest_edits_are_refused(exported: tuple[Detector, Path], tmp_path: P
             read_bundle(copy)
 
 
+def _copy_bundle(out: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for p in out.iterdir():
+        (dest / p.name).write_bytes(p.read_bytes())
+    return dest
+
+
+def test_crafted_bundles_cannot_reach_outside_their_folder(
+    exported: tuple[Detector, Path], tmp_path: Path
+) -> None:
+    """Checksums are written by whoever made the bundle, so they stop accidents, not
+    a crafted bundle: the file names and the ONNX file's own references must be
+    checked too."""
+    import hashlib
+
+    import onnx
+
+    _, out = exported
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 64)
+
+    # 1) a manifest naming a file outside the bundle
+    copy = _copy_bundle(out, tmp_path / "names")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["../secret.bin"] = hashlib.sha256(secret.read_bytes()).hexdigest()
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match=r"must list extractor\.onnx and detector"):
+        read_bundle(copy)
+
+    # 2) an extractor whose weights point at ../secret.bin, checksums made consistent
+    copy = _copy_bundle(out, tmp_path / "external")
+    model = onnx.load(str(copy / EXTRACTOR_FILE))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "64")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    (copy / EXTRACTOR_FILE).write_bytes(model.SerializeToString())
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"][EXTRACTOR_FILE] = hashlib.sha256(
+        (copy / EXTRACTOR_FILE).read_bytes()
+    ).hexdigest()
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match=r"external data \('\.\./secret\.bin'\)"):
+        load_onnx_detector(copy)
+
+    # 3) garbage with a matching checksum is refused as unreadable, not crashed on
+    copy = _copy_bundle(out, tmp_path / "garbage")
+    (copy / EXTRACTOR_FILE).write_bytes(b"<html>not onnx</html>")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"][EXTRACTOR_FILE] = hashlib.sha256(b"<html>not onnx</html>").hexdigest()
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match="not a readable ONNX model"):
+        read_bundle(copy)
+
+
 def test_method_without_export_is_named(
     surface_set: dict[str, list[np.ndarray]], tmp_path: Path
 ) -> None:

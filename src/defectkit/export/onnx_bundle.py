@@ -34,6 +34,7 @@ import secrets
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -215,6 +216,40 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
             os.close(dfd)
 
 
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor stored in a graph: initializers and tensor attributes, subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _refuse_external_data(fpath: Path) -> None:
+    """A bundle is self-contained. An ONNX file may point its weights at other files
+    ("external data", any relative path): a crafted extractor could make the runtime
+    read ``../../anything``, and the manifest's checksums, written by whoever made the
+    bundle, would not stop it."""
+    import onnx
+
+    try:
+        model = onnx.load(str(fpath), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others for garbage
+        raise ModelFileError(f"{fpath}: not a readable ONNX model ({e})") from None
+    for tensor in _graph_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in tensor.external_data}.get("location", "?")
+            raise ModelFileError(
+                f"{fpath}: tensor {tensor.name!r} points at external data ({where!r}); "
+                "a bundle must hold its weights inside extractor.onnx"
+            )
+
+
 def read_bundle(path: str | Path) -> Bundle:
     """Open and verify a bundle folder; raise ModelFileError saying what is wrong."""
     path = Path(path)
@@ -252,6 +287,7 @@ def read_bundle(path: str | Path) -> Bundle:
             raise ModelFileError(
                 f"{fpath}: checksum mismatch with {MANIFEST}: the file was modified or damaged"
             )
+    _refuse_external_data(path / EXTRACTOR_FILE)
     ext = manifest.get("extractor")
     if (
         not isinstance(ext, dict)
