@@ -151,3 +151,43 @@ def test_calibrate_tiled_sets_thresholds_from_whole_images() -> None:
     assert det.threshold == want and det.threshold.n_good == 4
     assert det.pixel_threshold is not None
     assert det.pixel_threshold.value <= det.threshold.value
+
+
+def test_cli_fit_with_tiles_then_inspect_tiles_by_itself(tmp_path: Path) -> None:
+    """fit --tile learns on tiles and calibrates on whole held-out images scored tile
+    by tile; the model remembers its tiling, so a plain inspect tiles the same way."""
+    rng = np.random.default_rng(3)
+    good_dir = tmp_path / "good"
+    for i in range(10):
+        save_png(good_dir / f"{i:02d}.png", _mirrored(rng, 96))
+    model = tmp_path / "m.dkm"
+    res = runner.invoke(
+        app,
+        [
+            "fit", str(good_dir), "--out", str(model), "--tile", "64", "-q",
+            "--calibration-fraction", "0.3",
+            "-p", "backbone=efficientnet-lite0", "-p", "image_size=64",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    det = Detector.load(model)
+    assert det.info["tiling"] == {"tile": 64, "overlap": 8, "blend": "max"}
+    assert det.info["n_fit_images"] == 7 and det.info["n_calibration_images"] == 3
+    assert det.info["n_fit_tiles"] == 7 * 16  # 192 px sides: 4 x 4 tiles of 64 px
+    assert det.threshold is not None and det.threshold.n_good == 3
+
+    bad, _ = add_defect(_mirrored(rng, 96), "hole", rng)
+    save_png(tmp_path / "bad.png", bad)
+    res = runner.invoke(app, ["inspect", str(model), str(tmp_path / "bad.png"), "-q"])
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.stdout)
+    want = score_tiled(det, [bad], 64, 8)
+    assert line["score"] == pytest.approx(float(want.scores[0]), rel=1e-5)
+    assert line["evidence"]["tiles"] == 16
+
+    res = runner.invoke(
+        app,
+        ["fit", str(good_dir), "--out", str(model), "--tile", "64",
+         "--calibration-fraction", "0"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "--tile needs held-out good images" in res.output

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from defectkit import __version__
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
-from defectkit.errors import DefectkitError
+from defectkit.errors import ConfigError, DefectkitError
 
 # Spinning OpenMP threads collapse throughput (to ~2 images/s) when another
 # process shares the cores, as on a line PC; passive waiting costs ~15% when idle.
@@ -200,6 +200,17 @@ def fit(
             "kept only if it beats the anomaly score on them (cross-validated)"
         ),
     ] = None,
+    tile: Annotated[
+        int | None,
+        typer.Option(
+            help="fit on tiles of this many px and calibrate on whole held-out images scored "
+            "tile by tile (large images; inspect then tiles by itself)"
+        ),
+    ] = None,
+    tile_overlap: Annotated[
+        int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
+    ] = None,
+    tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
 ) -> None:
     """Learn what good parts look like and write a model file.
 
@@ -221,6 +232,7 @@ def fit(
                 ("--classifier-param", bool(classifier_param)),
                 ("--defects", defects is not None),
                 ("--calibration-dir", calibration_dir is not None),
+                ("--tile", tile is not None),
             )
             if given
         ]
@@ -279,6 +291,12 @@ def fit(
             classifier_params.setdefault("seed", seed)
             _check_classifier_params(classifier_params)
         defect_paths = _defect_paths(defects, paths, calibration_fraction, calibration_dir)
+        tiling = _tiling_options(tile, tile_overlap, tile_blend)
+        if tiling is not None:
+            if defects is not None or classify_types:
+                raise _fail("--tile: not with --defects or --classify-types")
+            if calibration_dir is None and calibration_fraction == 0:
+                raise _fail("--tile needs held-out good images: --calibration-fraction > 0")
     except DefectkitError as e:
         raise _fail(str(e)) from None
     t0 = time.perf_counter()
@@ -303,22 +321,37 @@ def fit(
         raise _fail(f"none of the {len(paths)} images under {data} could be read")
     try:
         with _progress(not quiet) as progress:
-            det = Detector.fit(
-                images,
-                method,
-                params,
-                false_alarm_rate=false_alarm_rate,
-                calibration_fraction=calibration_fraction,
-                calibration_images=cal_images,
-                seed=seed,
-                progress=progress,
-                paths=ok_paths,
-                calibration_paths=cal_ok,
-                max_false_regions=max_false_regions,
-                min_region_area=min_region_area,
-                defect_images=defect_images,
-                defect_paths=defect_ok,
-            )
+            if tiling is not None:
+                det = _fit_tiled(
+                    images,
+                    method,
+                    params,
+                    tiling,
+                    cal_images,
+                    calibration_fraction,
+                    seed,
+                    progress,
+                    false_alarm_rate=false_alarm_rate,
+                    max_false_regions=max_false_regions,
+                    min_region_area=min_region_area,
+                )
+            else:
+                det = Detector.fit(
+                    images,
+                    method,
+                    params,
+                    false_alarm_rate=false_alarm_rate,
+                    calibration_fraction=calibration_fraction,
+                    calibration_images=cal_images,
+                    seed=seed,
+                    progress=progress,
+                    paths=ok_paths,
+                    calibration_paths=cal_ok,
+                    max_false_regions=max_false_regions,
+                    min_region_area=min_region_area,
+                    defect_images=defect_images,
+                    defect_paths=defect_ok,
+                )
             if type_items is not None:
                 from defectkit.classify.workflow import fit_classifier
 
@@ -380,6 +413,61 @@ def fit(
         _print_classifier_summary(det.classifier)
     if errors:
         raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _fit_tiled(
+    images: list[np.ndarray],
+    method: str,
+    params: dict[str, Any],
+    tiling: tuple[int, int, str],
+    cal_images: list[np.ndarray] | None,
+    calibration_fraction: float,
+    seed: int,
+    progress: Any,
+    **calibration: Any,
+) -> Any:
+    """Fit on tiles of the good images; calibrate on whole held-out images scored
+    tile by tile, since a tiled image's score is the worst of its tiles'."""
+    from defectkit.detector import Detector, split_for_calibration
+    from defectkit.tiling import calibrate_tiled, split_tiles
+
+    tile, overlap, blend = tiling
+    if cal_images is None:
+        fit_idx, cal_idx = split_for_calibration(len(images), calibration_fraction, seed)
+        fit_set = [images[i] for i in fit_idx]
+        cal_images = [images[i] for i in cal_idx]
+    else:
+        fit_set = images
+    if not cal_images:
+        raise ConfigError("--tile: no good images left to calibrate on; add more good images")
+    tiles = split_tiles(fit_set, tile, overlap)
+    det = Detector.fit(
+        tiles,
+        method,
+        params,
+        calibration_fraction=0.0,
+        seed=seed,
+        progress=progress,
+        min_region_area=calibration["min_region_area"],
+    )
+    calibrate_tiled(
+        det,
+        cal_images,
+        tile,
+        overlap,
+        false_alarm_rate=calibration["false_alarm_rate"],
+        max_false_regions=calibration["max_false_regions"],
+        blend=blend,
+    )
+    det.info.update(
+        {
+            "tiling": {"tile": tile, "overlap": overlap, "blend": blend},
+            "n_fit_images": len(fit_set),
+            "n_fit_tiles": len(tiles),
+            "n_calibration_images": len(cal_images),
+        }
+    )
+    return det
 
 
 # -- labelled images: classifier and semi-supervised helpers ---------------------------
@@ -598,6 +686,12 @@ def inspect(
     if engine == "ray" and (tiling is not None or runtime == "onnx" or model.is_dir()):
         raise _fail("--tile and ONNX bundles (--runtime onnx) need --engine local")
     det = _load_any_model(model, runtime)
+    fitted_tiling = getattr(det, "info", {}).get("tiling")  # from fit --tile
+    if tiling is None and fitted_tiling:
+        if engine == "ray":
+            raise _fail(f"{model} was fitted on tiles; tiled inspection needs --engine local")
+        t = fitted_tiling
+        tiling = (int(t["tile"]), int(t["overlap"]), str(t["blend"]))
     if engine == "ray":
         _inspect_ray(
             det,
