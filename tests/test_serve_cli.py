@@ -165,3 +165,37 @@ def test_sigkill_under_concurrent_load_loses_no_acknowledged_result(
         proc.terminate()
         proc.wait(20)
         proc.stdout.close()
+
+
+def test_serve_runs_an_onnx_bundle_with_the_same_scores(model_file, demo_root, tmp_path):
+    """The service takes an exported bundle folder as it takes a model file: same
+    scores and decisions as the PyTorch model, through onnxruntime."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from defectkit.data.images import load_image
+    from defectkit.detector import Detector
+    from defectkit.export.onnx_bundle import export_onnx
+
+    det = Detector.load(model_file)
+    bundle = export_onnx(det, tmp_path / "bundle")
+    good, bad = demo_test_images(demo_root)
+    port = _free_port()
+    proc = start_server(bundle, tmp_path / "results", port)
+    try:
+        model_info = httpx.get(f"http://127.0.0.1:{port}/model", timeout=10).json()
+        assert model_info["name"] == "bundle"
+        assert model_info["method"] == det.describe()["method"] == "patchcore"
+        for p in (good[0], bad[0]):
+            files = {"file": (p.name, p.read_bytes())}
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/inspect", files=files, headers=AUTH, timeout=60
+            )
+            assert r.status_code == 201, r.text
+            want = float(det.score([load_image(p)]).scores[0])
+            assert r.json()["score"] == pytest.approx(want, rel=1e-3)
+            assert r.json()["is_defect"] == bool(det.decide([want])[0])
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        proc.stdout.close()
+    res = CliRunner().invoke(app, ["serve", str(tmp_path)])
+    assert res.exit_code == 2 and "no such model file or ONNX bundle folder" in res.output

@@ -1546,7 +1546,9 @@ def demo(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="model file from `defectkit fit`")],
+    model: Annotated[
+        Path, typer.Argument(help="model file from `defectkit fit`, or an ONNX bundle folder")
+    ],
     db: Annotated[
         str | None,
         typer.Option(help="database URL (postgresql://...); default SQLite in --data-dir"),
@@ -1565,10 +1567,11 @@ def serve(
     threads: Annotated[int, typer.Option(help="torch threads of the scoring worker")] = 2,
 ) -> None:
     """Run the inspection service and dashboard (see defectkit/serve/app.py)."""
+    from defectkit.export.onnx_bundle import is_bundle
     from defectkit.serve.runner import serve as run_service
 
-    if not model.is_file():
-        raise _fail(f"{model}: no such model file")
+    if not (model.is_file() or is_bundle(model)):
+        raise _fail(f"{model}: no such model file or ONNX bundle folder")
     if max_upload_mb <= 0 or spc_baseline < 5:
         raise _fail("--max-upload-mb must be > 0 and --spc-baseline at least 5")
     run_service(

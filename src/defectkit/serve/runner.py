@@ -32,6 +32,8 @@ def serve(
     import uvicorn
 
     from defectkit.detector import Detector
+    from defectkit.export.onnx_bundle import is_bundle
+    from defectkit.export.runtime import load_onnx_detector
     from defectkit.serve.app import create_app
     from defectkit.serve.spc import SpcMonitor
     from defectkit.serve.store import ResultStore
@@ -47,7 +49,10 @@ def serve(
             f"no --token or DEFECTKIT_TOKEN given; write token for this run: {token}",
             file=sys.stderr,
         )
-    det = Detector.load(model)
+    if is_bundle(model):  # an ONNX bundle folder from `defectkit export`
+        det = load_onnx_detector(model, threads=max(1, threads))
+    else:
+        det = Detector.load(model)
     store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
     app = create_app(
         det,
