@@ -133,10 +133,6 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
     return params
 
 
-def _json_float(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
-
-
 @app.command()
 def fit(
     data: Annotated[
@@ -671,9 +667,7 @@ def inspect(
     from defectkit.classify.classifier import DefectClassifier
     from defectkit.data.batches import iter_batches
     from defectkit.data.datasets import list_images
-    from defectkit.data.images import save_png
-    from defectkit.decide.overlay import region_overlay
-    from defectkit.decide.regions import overall_severity
+    from defectkit.decide.records import failed_record, inspect_loaded
 
     if fmt not in ("jsonl", "table"):
         raise _fail(f"--format must be jsonl or table, got {fmt!r}")
@@ -716,10 +710,6 @@ def inspect(
         _inspect_classifier(det, inputs, fmt, batch_size, quiet)
         return
     paths, problems = list_images(inputs, report_empty=True)
-    threshold = det.threshold.value if det.threshold else None
-    pixel_threshold = det.region_threshold
-    # overlays colour maps on their own scale (a re-scored image threshold is not)
-    map_threshold = det.map_threshold
     types = det.classifier.classes_ if det.classifier is not None else None
     n_failed = 0
     rows: list[dict[str, Any]] = []
@@ -731,82 +721,31 @@ def inspect(
         else:
             rows.append(record)
 
-    def failed(path: Path, problem: str | None) -> dict[str, Any]:
-        rec = {
-            "path": str(path),
-            "score": None,
-            "is_defect": None,
-            "threshold": threshold,
-            "error": problem,
-            "regions": None,
-            "severity": None,
-        }
-        if types is not None:
-            rec.update(defect_type=None, type_probabilities=None)
-        return rec
-
     for p, problem in problems:
         n_failed += 1
-        emit(failed(p, problem))
+        emit(failed_record(det, str(p), problem))
     if maps_out is not None:
         maps_out.mkdir(parents=True, exist_ok=True)
     index = 0
     with _progress(not quiet and len(paths) > 1) as progress:
         for batch in iter_batches(paths, batch_size):
-            good = [b for b in batch if b.image is not None]
-            result = None
-            if good:
-                try:
-                    result = _score_images(det, [b.image for b in good], tiling)
-                except DefectkitError as e:  # e.g. model/backbone mismatch: nothing will work
-                    raise _fail(str(e)) from None
-            decisions = det.decide(result.scores) if result is not None else None
-            type_of: dict[int, np.ndarray] = {}
-            if types is not None and result is not None:
-                chosen = [j for j in range(len(good)) if decisions is None or decisions[j]]
-                if chosen:
-                    proba = det.classify([good[j].image for j in chosen])
-                    type_of = dict(zip(chosen, proba, strict=True))
-            k = 0
-            for item in batch:
-                index += 1
-                if item.image is None:
-                    n_failed += 1
-                    emit(failed(item.path, item.error))
-                    continue
-                rec: dict[str, Any] = {"path": str(item.path)}
-                score = float(result.scores[k])
-                is_defect = None if decisions is None else bool(decisions[k])
-                regions, labels = det.locate_regions(
-                    result.maps[k], is_defect, mm_per_pixel=mm_per_pixel, rules=rules
+            try:
+                records = inspect_loaded(
+                    det,
+                    batch,
+                    [str(item.path) for item in batch],
+                    mm_per_pixel=mm_per_pixel,
+                    rules=rules,
+                    maps_out=maps_out,
+                    numbers=range(index + 1, index + len(batch) + 1),
+                    score=lambda images: _score_images(det, images, tiling),
                 )
-                rec.update(
-                    score=_json_float(score),
-                    is_defect=is_defect,
-                    threshold=threshold,
-                    error=None,
-                    width=int(item.image.shape[1]),
-                    height=int(item.image.shape[0]),
-                    regions=[r.to_dict() for r in regions],
-                    severity=overall_severity(regions, is_defect),
-                    pixel_threshold=pixel_threshold,
-                )
-                if result.extras:
-                    extra = result.extras[k]
-                    rec["evidence"] = extra
-                    if "nearest_good" in extra:
-                        rec["closest_good"] = det.closest_good(extra)
-                if types is not None:
-                    rec.update(_type_fields(types, type_of.get(k)))
-                if maps_out is not None:
-                    name = f"{index:06d}_{item.path.stem}_overlay.png"
-                    overlay = region_overlay(
-                        item.image, result.maps[k], map_threshold, regions, labels
-                    )
-                    save_png(maps_out / name, overlay)
-                    rec["overlay"] = str(maps_out / name)
-                k += 1
-                emit(rec)
+            except DefectkitError as e:  # e.g. model/backbone mismatch: nothing will work
+                raise _fail(str(e)) from None
+            index += len(batch)
+            for item, record in zip(batch, records, strict=True):
+                n_failed += item.image is None
+                emit(record)
             if progress is not None:
                 progress("inspect", index, len(paths))
     if fmt == "table":
@@ -855,8 +794,8 @@ def _inspect_ray(
     results database too."""
     from defectkit.classify.classifier import DefectClassifier
     from defectkit.data.datasets import list_images
+    from defectkit.decide.records import failed_record
     from defectkit.scale.ray_engine import ResultSinks, import_ray, inspect_paths, records_table
-    from defectkit.scale.records import failed_record
 
     if isinstance(det, DefectClassifier):
         raise _fail(f"{model} holds a classifier alone: --engine ray needs an anomaly detector")
@@ -898,16 +837,6 @@ def _inspect_ray(
     if n_failed:
         err.print(f"[yellow]{n_failed} file(s) could not be inspected[/]")
         raise typer.Exit(EXIT_FILES_FAILED)
-
-
-def _type_fields(types: list[str], proba: np.ndarray | None) -> dict[str, Any]:
-    """defect_type and type_probabilities of one image (None when not classified)."""
-    if proba is None:
-        return {"defect_type": None, "type_probabilities": None}
-    return {
-        "defect_type": types[int(np.argmax(proba))],
-        "type_probabilities": {t: round(float(p), 6) for t, p in zip(types, proba, strict=True)},
-    }
 
 
 def _load_any_model(model: Path, runtime: str = "torch") -> Any:
@@ -965,6 +894,7 @@ def _inspect_classifier(clf: Any, inputs: list[Path], fmt: str, batch_size: int,
     """inspect with a classifier alone: one line per image with its type."""
     from defectkit.data.batches import iter_batches
     from defectkit.data.datasets import list_images
+    from defectkit.decide.records import type_fields
 
     paths, problems = list_images(inputs, report_empty=True)
     types = clf.classes_
@@ -992,7 +922,7 @@ def _inspect_classifier(clf: Any, inputs: list[Path], fmt: str, batch_size: int,
             ),
             "regions": None,
             "severity": None,
-            **_type_fields(types, proba),
+            **type_fields(types, proba),
         }
 
     for p, problem in problems:

@@ -137,7 +137,7 @@ class InspectActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         from defectkit.data.batches import iter_batches
-        from defectkit.scale.records import failed_record
+        from defectkit.decide.records import failed_record
 
         indices = [int(i) for i in batch["index"]]
         names = [str(p) for p in batch["path"]]
@@ -156,7 +156,7 @@ class InspectActor:
         return records_table(indices, records)
 
     def _inspect(self, items: list[Any], names: list[str], indices: list[int]) -> list[Any]:
-        from defectkit.scale.records import inspect_loaded
+        from defectkit.decide.records import inspect_loaded
 
         return inspect_loaded(
             self.det,

@@ -1,14 +1,12 @@
-"""``inspect`` result objects for a batch of loaded files, exactly as the local
-``defectkit inspect`` writes them (same keys, same rounding), so that a batch
-job on a cluster and the local command give the same lines.
-
-Kept free of Ray so it can be used (and tested) without it.
+"""``inspect`` result objects for a batch of loaded files: the one place that
+builds the lines of ``defectkit inspect`` (same keys, same rounding), used by
+the local command and by the Ray batch engine alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +57,15 @@ def inspect_loaded(
     maps_out: Path | None = None,
     numbers: Sequence[int] | None = None,
     maps_shown: Path | None = None,
+    score: Callable[[list[np.ndarray]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per item (``names`` are the paths written in the records).
 
     Files that did not load get their error; the others are scored together.
     With ``maps_out``, overlays are written as ``{number:06d}_{stem}_overlay.png``
     (``numbers``: 1-based positions in the whole input list, as in the CLI) and
-    named in the records under ``maps_shown`` (default ``maps_out``).
+    named in the records under ``maps_shown`` (default ``maps_out``). ``score``
+    replaces ``det.score`` (e.g. scoring tile by tile).
     """
     from defectkit.data.images import save_png
     from defectkit.decide.overlay import region_overlay
@@ -79,7 +79,7 @@ def inspect_loaded(
     ]
     if not good:
         return out
-    result = det.score([items[j].image for j in good])
+    result = (score or det.score)([items[j].image for j in good])
     decisions = det.decide(result.scores)
     type_of: dict[int, np.ndarray] = {}
     if types is not None:
