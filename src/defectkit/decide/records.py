@@ -47,6 +47,45 @@ def failed_record(det: Detector, path: str, problem: str | None) -> dict[str, An
     return rec
 
 
+def image_record(
+    det: Detector,
+    name: str,
+    image: np.ndarray,
+    score: float,
+    amap: np.ndarray,
+    is_defect: bool | None,
+    extra: dict[str, Any] | None,
+    proba: np.ndarray | None,
+    *,
+    mm_per_pixel: float | None = None,
+    rules: Any = None,
+) -> tuple[dict[str, Any], list[Any], np.ndarray]:
+    """The line of one scored image, with its regions and their label image (for
+    an overlay). ``proba``: type probabilities when a classifier named its type."""
+    from defectkit.decide.regions import overall_severity
+
+    regions, labels = det.locate_regions(amap, is_defect, mm_per_pixel=mm_per_pixel, rules=rules)
+    rec: dict[str, Any] = {
+        "path": name,
+        "score": json_float(score),
+        "is_defect": is_defect,
+        "threshold": det.threshold.value if det.threshold else None,
+        "error": None,
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+        "regions": [r.to_dict() for r in regions],
+        "severity": overall_severity(regions, is_defect),
+        "pixel_threshold": det.region_threshold,
+    }
+    if extra is not None:
+        rec["evidence"] = extra
+        if "nearest_good" in extra:
+            rec["closest_good"] = det.closest_good(extra)
+    if det.classifier is not None:
+        rec.update(type_fields(det.classifier.classes_, proba))
+    return rec, regions, labels
+
+
 def inspect_loaded(
     det: Detector,
     items: Sequence[Loaded],
@@ -69,10 +108,8 @@ def inspect_loaded(
     """
     from defectkit.data.images import save_png
     from defectkit.decide.overlay import region_overlay
-    from defectkit.decide.regions import overall_severity
 
     types = det.classifier.classes_ if det.classifier is not None else None
-    threshold = det.threshold.value if det.threshold else None
     good = [j for j, it in enumerate(items) if it.image is not None]
     out: list[dict[str, Any]] = [
         failed_record(det, names[j], it.error) for j, it in enumerate(items)
@@ -91,28 +128,18 @@ def inspect_loaded(
         image = items[j].image
         assert image is not None
         is_defect = None if decisions is None else bool(decisions[k])
-        regions, labels = det.locate_regions(
-            result.maps[k], is_defect, mm_per_pixel=mm_per_pixel, rules=rules
+        rec, regions, labels = image_record(
+            det,
+            names[j],
+            image,
+            float(result.scores[k]),
+            result.maps[k],
+            is_defect,
+            result.extras[k] if result.extras else None,
+            type_of.get(k),
+            mm_per_pixel=mm_per_pixel,
+            rules=rules,
         )
-        rec: dict[str, Any] = {
-            "path": names[j],
-            "score": json_float(float(result.scores[k])),
-            "is_defect": is_defect,
-            "threshold": threshold,
-            "error": None,
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-            "regions": [r.to_dict() for r in regions],
-            "severity": overall_severity(regions, is_defect),
-            "pixel_threshold": det.region_threshold,
-        }
-        if result.extras:
-            extra = result.extras[k]
-            rec["evidence"] = extra
-            if "nearest_good" in extra:
-                rec["closest_good"] = det.closest_good(extra)
-        if types is not None:
-            rec.update(type_fields(types, type_of.get(k)))
         if maps_out is not None:
             number = numbers[j] if numbers is not None else j + 1
             name = f"{number:06d}_{items[j].path.stem}_overlay.png"

@@ -7,19 +7,14 @@ contract.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from defectkit.decide.overlay import region_overlay
-from defectkit.decide.regions import overall_severity
+from defectkit.decide.records import image_record
 from defectkit.detector import Detector
-
-
-def _json_float(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 @dataclass
@@ -31,37 +26,23 @@ class Inspection:
 
 
 def inspect_image(det: Detector, image: np.ndarray, name: str) -> Inspection:
-    """Score, decide and explain one image exactly as ``defectkit inspect`` does."""
+    """Score, decide and explain one image exactly as ``defectkit inspect`` does
+    (the line comes from the same :func:`~defectkit.decide.records.image_record`)."""
     result = det.score([image])
     decisions = det.decide(result.scores)
-    score = float(result.scores[0])
     is_defect = None if decisions is None else bool(decisions[0])
-    regions, labels = det.locate_regions(result.maps[0], is_defect)
-    rec: dict[str, Any] = {
-        "path": name,
-        "score": _json_float(score),
-        "is_defect": is_defect,
-        "threshold": det.threshold.value if det.threshold else None,
-        "error": None,
-        "width": int(image.shape[1]),
-        "height": int(image.shape[0]),
-        "regions": [r.to_dict() for r in regions],
-        "severity": overall_severity(regions, is_defect),
-        "pixel_threshold": det.region_threshold,
-    }
-    if result.extras:
-        extra = result.extras[0]
-        rec["evidence"] = extra
-        if "nearest_good" in extra:
-            rec["closest_good"] = det.closest_good(extra)
-    types = det.classifier.classes_ if det.classifier is not None else None
-    if types is not None:
-        proba = det.classify([image])[0] if is_defect else None
-        rec["defect_type"] = None if proba is None else str(types[int(np.argmax(proba))])
-        rec["type_probabilities"] = (
-            None
-            if proba is None
-            else {str(t): round(float(p), 6) for t, p in zip(types, proba, strict=True)}
-        )
+    proba = None
+    if det.classifier is not None and (decisions is None or is_defect):
+        proba = det.classify([image])[0]
+    rec, regions, labels = image_record(
+        det,
+        name,
+        image,
+        float(result.scores[0]),
+        result.maps[0],
+        is_defect,
+        result.extras[0] if result.extras else None,
+        proba,
+    )
     overlay = region_overlay(image, result.maps[0], det.map_threshold, regions, labels)
     return Inspection(rec, overlay)
