@@ -73,7 +73,8 @@ from defectkit.methods.parts.gaussian import (
     pack_symmetric,
     unpack_symmetric,
 )
-from defectkit.methods.parts.maps import upsample_map
+from defectkit.methods.parts.maps import top_mean, upsample_map
+from defectkit.methods.parts.resize import resize_image
 from defectkit.methods.parts.seg_head import SegHead, dice_loss, focal_loss, to_grid
 
 #: ridge of the prior's covariance, in units of the mean variance (as PaDiM)
@@ -87,12 +88,6 @@ def default_synthetic_layers(backbone: str) -> list[str]:
     """Ends of the stride-4, stride-8 (sets the grid) and second stride-16 stages."""
     ends = stage_ends(backbone)
     return [f"blocks.{ends[i]}" for i in (1, 2, 4)]
-
-
-def _resized(image: Image, side: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    interp = cv2.INTER_AREA if side * side < h * w else cv2.INTER_LINEAR
-    return cv2.resize(image, (side, side), interpolation=interp)
 
 
 class SyntheticDefects(AnomalyModel):
@@ -199,7 +194,7 @@ class SyntheticDefects(AnomalyModel):
         self._validate()
         images = check_images(images)
         side = int(self.image_size)
-        good = [_resized(img, side) for img in images]
+        good = [resize_image(img, (side, side)) for img in images]
         fx = self.extractor
         gl = self._grid_layer()
         rng = np.random.default_rng(self.seed)
@@ -396,9 +391,7 @@ class SyntheticDefects(AnomalyModel):
     def _image_score(self, amap: np.ndarray) -> float:
         if self.top_fraction <= 0:
             return float(amap.max())
-        flat = amap.ravel()
-        k = max(1, round(self.top_fraction * flat.size))
-        return float(np.partition(flat, flat.size - k)[flat.size - k :].mean())
+        return top_mean(amap, self.top_fraction)
 
     # -- persistence ------------------------------------------------------------
     def learned_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

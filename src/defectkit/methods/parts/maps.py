@@ -18,3 +18,10 @@ def upsample_map(patch_map: np.ndarray, out_shape: tuple[int, int], sigma: float
         s = sigma * min(h, w) / 256.0
         up = cv2.GaussianBlur(up, (0, 0), sigmaX=s, sigmaY=s, borderType=cv2.BORDER_REFLECT)
     return up
+
+
+def top_mean(amap: np.ndarray, fraction: float) -> float:
+    """Mean of the highest ``fraction`` of a map's values (at least one value)."""
+    flat = amap.ravel()
+    k = max(1, round(fraction * flat.size))
+    return float(np.partition(flat, flat.size - k)[flat.size - k :].mean())

@@ -37,7 +37,7 @@ from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
 from defectkit.methods.parts.embedding import patch_embedding
 from defectkit.methods.parts.extract import feature_batches
-from defectkit.methods.parts.maps import upsample_map
+from defectkit.methods.parts.maps import top_mean, upsample_map
 from defectkit.methods.parts.resize import to_tensor
 
 SPACES = ("features", "pixels")
@@ -280,13 +280,6 @@ def smooth(grid: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(
         grid.astype(np.float32), (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT
     )
-
-
-def top_mean(grid: np.ndarray, fraction: float) -> float:
-    """Mean of the highest ``fraction`` of a map's values (at least one value)."""
-    flat = grid.ravel()
-    k = max(1, round(fraction * flat.size))
-    return float(np.partition(flat, flat.size - k)[flat.size - k :].mean())
 
 
 # -- weights as arrays ------------------------------------------------------------------

@@ -29,10 +29,15 @@ def fit_size(
     )
 
 
-def to_tensor(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float (1, 3, h, w) in [0, 1], resized with area/linear."""
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` at ``size`` (h, w): area averaging when shrinking (no aliasing),
+    bilinear when enlarging."""
     h, w = size
     interp = cv2.INTER_AREA if h * w < image.shape[0] * image.shape[1] else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (w, h), interpolation=interp)
-    t = torch.from_numpy(resized).permute(2, 0, 1).unsqueeze(0)
+    return cv2.resize(image, (w, h), interpolation=interp)
+
+
+def to_tensor(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (1, 3, h, w) in [0, 1], resized with area/linear."""
+    t = torch.from_numpy(resize_image(image, size)).permute(2, 0, 1).unsqueeze(0)
     return t.float().div_(255.0)
