@@ -22,6 +22,18 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def cli_fit(data: Path, out: Path, *args: str) -> Path:
+    """``defectkit fit DATA --out OUT -q ARGS...`` in-process; the model path, or
+    the test fails with the command's output."""
+    from typer.testing import CliRunner
+
+    from defectkit.cli import app
+
+    res = CliRunner().invoke(app, ["fit", str(data), "--out", str(out), "-q", *args])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 @pytest.fixture(scope="session")
 def surface_set() -> dict[str, list[np.ndarray]]:
     """20 good, 6 good test and 6 defective images of one textured surface (96x112)."""

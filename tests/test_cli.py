@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import cli_fit
 from typer.testing import CliRunner
 
 from defectkit.cli import app
@@ -16,24 +17,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tmp_path_factory.mktemp("model") / "stone.dkm"
-    res = runner.invoke(
-        app,
-        [
-            "fit",
-            str(demo_root),
-            "--out",
-            str(model),
-            "-q",
-            "--param",
-            "image_size=96",
-            "--param",
-            "coreset_ratio=0.1",
-            "--calibration-fraction",
-            "0.25",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    return model
+    return cli_fit(
+        demo_root, model, "--param", "image_size=96", "--param", "coreset_ratio=0.1",
+        "--calibration-fraction", "0.25",
+    )  # fmt: skip
 
 
 def test_fit_writes_a_model_with_a_calibrated_threshold(fitted: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_dataset
+from conftest import cli_fit, shared_dataset
 from typer.testing import CliRunner
 
 from defectkit.cli import app
@@ -210,20 +210,10 @@ def test_export_never_replaces_a_folder_that_is_not_a_bundle(
 @pytest.fixture(scope="module")
 def cli_model(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tmp_path_factory.mktemp("cli") / "stone.dkm"
-    res = runner.invoke(
-        app,
-        [
-            "fit",
-            str(demo_root),
-            "--out",
-            str(model),
-            "-q",
-            *("-p", "image_size=64", "-p", "coreset_ratio=0.1"),
-            *("-p", "backbone=efficientnet-lite0", "--calibration-fraction", "0.25"),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    return model
+    return cli_fit(
+        demo_root, model, *("-p", "image_size=64", "-p", "coreset_ratio=0.1"),
+        *("-p", "backbone=efficientnet-lite0", "--calibration-fraction", "0.25"),
+    )  # fmt: skip
 
 
 def test_cli_export_then_inspect_gives_the_same_lines(

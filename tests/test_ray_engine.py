@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import cli_fit
 from typer.testing import CliRunner
 
 from defectkit.cli import app
@@ -31,22 +32,7 @@ def local_ray() -> object:
 @pytest.fixture(scope="module")
 def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tmp_path_factory.mktemp("model") / "stone.dkm"
-    res = runner.invoke(
-        app,
-        [
-            "fit",
-            str(demo_root),
-            "--out",
-            str(model),
-            "-q",
-            "--param",
-            "image_size=96",
-            "--param",
-            "coreset_ratio=0.1",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    return model
+    return cli_fit(demo_root, model, "--param", "image_size=96", "--param", "coreset_ratio=0.1")
 
 
 @pytest.fixture(scope="module")
