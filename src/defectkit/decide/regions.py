@@ -18,7 +18,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from defectkit.decide.defaults import DEFAULT_MIN_AREA
 from defectkit.decide.severity import DEFAULT_RULES, GRADES, SeverityRules
@@ -101,8 +100,12 @@ def locate_regions(
     if not keep:
         return [], out
     idx = np.asarray(keep)
-    peaks = np.asarray(ndimage.maximum(a, labels, idx), dtype=np.float64).reshape(-1)
-    means = np.asarray(ndimage.mean(a, labels, idx), dtype=np.float64).reshape(-1)
+    # per-label max and mean in NumPy (scipy.ndimage would add 0.45 s to every inspect start)
+    flat_labels, flat = labels.ravel(), a.ravel().astype(np.float64)
+    peaks_all = np.full(n, -np.inf)
+    np.maximum.at(peaks_all, flat_labels, flat)
+    peaks = peaks_all[idx]
+    means = np.bincount(flat_labels, weights=flat, minlength=n)[idx] / stats[idx, cv2.CC_STAT_AREA]
     order = np.argsort(-peaks, kind="stable")
     relabel = np.zeros(n, np.int32)
     regions: list[Region] = []
