@@ -23,6 +23,8 @@ from defectkit.methods.parts.coreset import greedy_coreset
 from defectkit.methods.parts.embedding import patch_embedding, with_position
 from defectkit.methods.parts.knn import NearestNeighbours
 from defectkit.methods.parts.maps import upsample_map
+from defectkit.methods.parts.photometric import PHOTOMETRIC
+from defectkit.methods.parts.photometric import apply as photometric_norm
 from defectkit.methods.parts.resize import fit_size, to_tensor
 
 
@@ -40,6 +42,9 @@ class PatchCore(AnomalyModel):
     0.823 / 0.767, 0.5% 0.914 / 0.776 / 0.743; lite2 with map smoothing sigma 12
     (default) 0.931 / 0.816 / 0.755, sigma 16 0.936 / 0.823 / 0.749. HNSW search
     matched exact search to 1e-4 on every metric at a tenth of the time.
+    Batches of 4 images score the 582 test images in 14.0 s against 17-18.5 s
+    in batches of 8 (the smaller activations stay in the CPU's cache); the
+    batch size changes scores only by float rounding.
 
     >>> model = PatchCore(coreset_ratio=0.02).fit(good_images)   # doctest: +SKIP
     >>> result = model.score(new_images)                         # doctest: +SKIP
@@ -55,6 +60,7 @@ class PatchCore(AnomalyModel):
         layers: list[str] | None = None,
         image_size: int = 256,
         keep_aspect: bool = False,
+        photometric: str = "standardise",
         neighbourhood: int = 3,
         position_weight: float = 100.0,
         grid_stride: int = 8,
@@ -64,13 +70,14 @@ class PatchCore(AnomalyModel):
         nn_search: str = "hnsw",
         global_weight: float = 1.0,
         sigma: float = 12.0,
-        batch_size: int = 8,
+        batch_size: int = 4,
         seed: int = 0,
     ) -> None:
         self.backbone = backbone
         self.layers = layers
         self.image_size = image_size
         self.keep_aspect = keep_aspect
+        self.photometric = photometric
         self.neighbourhood = neighbourhood
         self.position_weight = position_weight
         self.grid_stride = grid_stride
@@ -99,6 +106,8 @@ class PatchCore(AnomalyModel):
             raise ConfigError(f"position_weight must be >= 0, got {self.position_weight}")
         if self.max_bank < 1:
             raise ConfigError(f"max_bank must be >= 1, got {self.max_bank}")
+        if self.photometric not in PHOTOMETRIC:
+            raise ConfigError(f"photometric must be one of {PHOTOMETRIC}, got {self.photometric!r}")
         if self.max_fit_patches < 1:
             raise ConfigError(f"max_fit_patches must be >= 1, got {self.max_fit_patches}")
 
@@ -134,7 +143,7 @@ class PatchCore(AnomalyModel):
                 for start in range(0, len(idx), self.batch_size):
                     chunk = idx[start : start + self.batch_size]
                     x = torch.cat([to_tensor(images[i], size) for i in chunk])
-                    feats = self.extractor(x)
+                    feats = self.extractor(photometric_norm(x, self.photometric))
                     grid = (x.shape[-2] // self.grid_stride, x.shape[-1] // self.grid_stride)
                     emb = patch_embedding(feats, self.neighbourhood, grid)
                     emb = with_position(emb, self.position_weight)
@@ -335,6 +344,7 @@ class PatchCore(AnomalyModel):
                 "global_ref": self.global_ref_,
                 "local_ref": self.local_ref_,
                 "fit_patches": list(self.fit_patches_),
+                "photometric": self.photometric,
             },
         )
 
@@ -352,6 +362,10 @@ class PatchCore(AnomalyModel):
         self.n_train_images_ = int(info.get("n_train_images", 0))
         fp = info.get("fit_patches")  # absent in files written before it was recorded
         self.fit_patches_ = (int(fp[0]), int(fp[1])) if fp else (0, 0)
+        # files written before photometric normalisation existed were fitted without it
+        self.photometric = str(info.get("photometric", "none"))
+        if self.photometric not in PHOTOMETRIC:
+            raise ModelFileError(f"patchcore model: unknown photometric {self.photometric!r}")
         self._index = None
         gb, gm, gs = arrays.get("global_bank"), arrays.get("global_mean"), arrays.get("global_std")
         if gb is None:  # written before the whole-image score existed

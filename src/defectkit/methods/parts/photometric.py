@@ -1,0 +1,41 @@
+"""Photometric normalisation: every image brought to one brightness and contrast
+before the backbone.
+
+Lighting, exposure and surface finish move a whole image's grey levels; a
+pretrained backbone sees that as a change of every patch, so the good images'
+spread of brightness widens the normal model and a defect must stand out
+against it. Standardising each image (its own mean and standard deviation,
+over all pixels and channels, to fixed targets) removes that spread and keeps
+the local structure. On magnetic-tile, whose good images' mean grey level
+varies with a standard deviation of 30 around 113, it raised PatchCore's image
+AUROC from 0.944 to 0.97 (BENCHMARKS.md).
+
+The price: a part that differs from good parts only in overall brightness or
+contrast is no longer different after normalisation. Where that is a defect
+(wrong coating, missing paint), turn it off (``photometric="none"``) or add a
+classical ``threshold`` check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PHOTOMETRIC = ("standardise", "none")
+TARGET_MEAN = 0.45  # in [0, 1] pixel units: about ImageNet's mean grey
+TARGET_STD = 0.18
+
+
+def standardise(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """(B, C, H, W) images in [0, 1], each image moved to mean ``TARGET_MEAN`` and
+    standard deviation ``TARGET_STD`` (a flat image only to the mean)."""
+    flat = x.reshape(x.shape[0], -1)
+    mean = flat.mean(1).view(-1, 1, 1, 1)
+    std = flat.std(1, correction=0).view(-1, 1, 1, 1)
+    return (x - mean) / std.clamp_min(eps) * TARGET_STD + TARGET_MEAN
+
+
+def apply(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``x`` normalised as ``mode`` (one of :data:`PHOTOMETRIC`) says."""
+    if mode == "standardise":
+        return standardise(x)
+    return x
