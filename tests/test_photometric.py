@@ -10,6 +10,7 @@ import torch
 
 from defectkit.errors import ConfigError
 from defectkit.methods.parts.photometric import TARGET_MEAN, TARGET_STD, standardise
+from defectkit.methods.parts.resize import to_tensor
 from defectkit.methods.patchcore import PatchCore
 
 FAST = {"image_size": 96, "coreset_ratio": 0.1}
@@ -30,6 +31,19 @@ def test_standardise_leaves_a_flat_image_flat() -> None:
     y = standardise(torch.full((1, 3, 8, 8), 0.9))
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, torch.full_like(y, TARGET_MEAN), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_to_tensor_standardises_like_the_tensor_function(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    img = rng.integers(20, 200, (40, 50, 3)).astype(np.uint8)
+    if channels == 1:
+        img[..., 1] = img[..., 2] = img[..., 0]
+    got = to_tensor(img, (40, 50), "standardise")
+    torch.testing.assert_close(got, standardise(to_tensor(img, (40, 50))), atol=1e-5, rtol=1e-5)
+    plain = to_tensor(img, (40, 50))
+    assert float(plain.max()) <= 1.0 and float(plain.min()) >= 0.0
+    torch.testing.assert_close(plain * 255.0, torch.from_numpy(img).permute(2, 0, 1)[None].float())
 
 
 def _relight(img: np.ndarray, gain: float, offset: float) -> np.ndarray:

@@ -24,7 +24,6 @@ from defectkit.methods.parts.embedding import patch_embedding, with_position
 from defectkit.methods.parts.knn import NearestNeighbours
 from defectkit.methods.parts.maps import upsample_map
 from defectkit.methods.parts.photometric import PHOTOMETRIC
-from defectkit.methods.parts.photometric import apply as photometric_norm
 from defectkit.methods.parts.resize import fit_size, to_tensor
 
 
@@ -142,8 +141,8 @@ class PatchCore(AnomalyModel):
             for size, idx in groups.items():
                 for start in range(0, len(idx), self.batch_size):
                     chunk = idx[start : start + self.batch_size]
-                    x = torch.cat([to_tensor(images[i], size) for i in chunk])
-                    feats = self.extractor(photometric_norm(x, self.photometric))
+                    x = torch.cat([to_tensor(images[i], size, self.photometric) for i in chunk])
+                    feats = self.extractor(x)
                     grid = (x.shape[-2] // self.grid_stride, x.shape[-1] // self.grid_stride)
                     emb = patch_embedding(feats, self.neighbourhood, grid)
                     emb = with_position(emb, self.position_weight)

@@ -18,6 +18,8 @@ classical ``threshold`` check.
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 
 PHOTOMETRIC = ("standardise", "none")
@@ -34,8 +36,16 @@ def standardise(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return (x - mean) / std.clamp_min(eps) * TARGET_STD + TARGET_MEAN
 
 
-def apply(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """``x`` normalised as ``mode`` (one of :data:`PHOTOMETRIC`) says."""
-    if mode == "standardise":
-        return standardise(x)
-    return x
+def gain_offset(image: np.ndarray, mode: str, eps: float = 1e-3) -> tuple[float, float]:
+    """(gain, offset) that take a uint8 image's values ``v`` to ``v * gain + offset``
+    in [0, 1] units, normalised as ``mode`` says; the same result as
+    :func:`standardise` on the image / 255, from the 8-bit image in one cheap pass
+    (the torch reduction took 1 s of a 22 s inspect run)."""
+    if mode != "standardise":
+        return 1.0 / 255.0, 0.0
+    means, stds = cv2.meanStdDev(image)  # per channel
+    means, stds = means.ravel() / 255.0, stds.ravel() / 255.0
+    mean = float(means.mean())
+    std = float(np.sqrt(max(float((stds**2 + means**2).mean()) - mean**2, 0.0)))
+    scale = TARGET_STD / max(std, eps)
+    return scale / 255.0, TARGET_MEAN - mean * scale

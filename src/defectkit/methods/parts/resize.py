@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import torch
 
+from defectkit.methods.parts.photometric import gain_offset
+
 
 def fit_size(
     height: int, width: int, side: int, multiple: int, keep_aspect: bool
@@ -37,7 +39,10 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=interp)
 
 
-def to_tensor(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float (1, 3, h, w) in [0, 1], resized with area/linear."""
-    t = torch.from_numpy(resize_image(image, size)).permute(2, 0, 1).unsqueeze(0)
-    return t.float().div_(255.0)
+def to_tensor(image: np.ndarray, size: tuple[int, int], photometric: str = "none") -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (1, 3, h, w) in [0, 1], resized with area/linear;
+    ``photometric="standardise"``: to a fixed mean and spread (parts.photometric)."""
+    resized = resize_image(image, size)
+    gain, offset = gain_offset(resized, photometric)
+    t = torch.from_numpy(resized).permute(2, 0, 1).unsqueeze(0)
+    return t.float().mul_(gain).add_(offset)
