@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from defectkit.errors import ConfigError
+from defectkit.methods.base import AnomalyModel
+from defectkit.methods.padim import PaDiM
 from defectkit.methods.parts.photometric import TARGET_MEAN, TARGET_STD, standardise
 from defectkit.methods.parts.resize import to_tensor
 from defectkit.methods.patchcore import PatchCore
 
 FAST = {"image_size": 96, "coreset_ratio": 0.1}
+SMALL: dict[type[AnomalyModel], dict[str, object]] = {
+    PatchCore: FAST,
+    PaDiM: {"image_size": 96, "context_size": 64},
+}
 
 
 def test_standardise_sets_mean_and_spread_per_image() -> None:
@@ -68,18 +74,28 @@ def test_patchcore_scores_ignore_lighting_but_not_defects(
     assert on.score(bad).scores.min() > s_lit_on.max()
 
 
+@pytest.mark.parametrize("method", [PatchCore, PaDiM])
 def test_old_model_files_score_without_normalisation(
-    surface_set: dict[str, list[np.ndarray]],
+    surface_set: dict[str, list[np.ndarray]], method: type[AnomalyModel]
 ) -> None:
-    model = PatchCore(**FAST).fit(surface_set["train"])
-    arrays, info = model.learned_state()
-    assert info["photometric"] == "standardise"
-    old = PatchCore(**FAST)  # constructed from an old file's settings: no photometric key
-    old.load_learned_state(arrays, {k: v for k, v in info.items() if k != "photometric"})
-    assert old.photometric == "none"
-    assert old.get_params()["photometric"] == "none"  # and it is saved that way again
+    """A file from before the setting existed: fitted without normalisation, and its
+    settings and learned info have no ``photometric`` key."""
+    fitted = method(**SMALL[method], photometric="none").fit(surface_set["train"])
+    arrays, info = fitted.learned_state()
+    assert info["photometric"] == "none"
+    old_info = {k: v for k, v in info.items() if k != "photometric"}
+    loaded = method(**SMALL[method])  # the constructor's default is "standardise"
+    loaded.load_learned_state(arrays, old_info)
+    assert loaded.photometric == "none"
+    assert loaded.get_params()["photometric"] == "none"  # and it is saved that way again
+    images = surface_set["good"] + surface_set["bad"]
+    np.testing.assert_allclose(loaded.score(images).scores, fitted.score(images).scores, rtol=1e-5)
+    # had it been read as "standardise", the scores would differ
+    loaded.photometric = "standardise"
+    assert not np.allclose(loaded.score(images).scores, fitted.score(images).scores, rtol=1e-3)
 
 
-def test_unknown_photometric_is_refused() -> None:
+@pytest.mark.parametrize("method", [PatchCore, PaDiM])
+def test_unknown_photometric_is_refused(method: type[AnomalyModel]) -> None:
     with pytest.raises(ConfigError, match="photometric"):
-        PatchCore(photometric="histogram").fit([np.zeros((64, 64, 3), np.uint8)] * 3)
+        method(photometric="histogram").fit([np.zeros((64, 64, 3), np.uint8)] * 3)

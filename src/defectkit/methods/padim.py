@@ -26,6 +26,9 @@ fine only 0.972 image / 0.803 pixel AUROC; context only 0.956 / 0.867; both
 0.971 / 0.865 (anchor library: 0.954 / 0.748). A random subset of
 ``n_features`` channels per scale (PaDiM's dimensionality reduction) shrinks
 the model at some cost: 100 fine + 150 context channels gave 0.968 / 0.864.
+Each image's brightness and contrast is standardised first (``photometric``,
+see ``parts/photometric.py``): 0.978 / 0.864 with it on all 762 training images
+(a scratch run, not the CLI split).
 
 Built from parts: batched features (``parts.extract``), patch embedding on the
 first layer's grid (``parts.embedding``), streaming Gaussian estimate and
@@ -58,6 +61,7 @@ from defectkit.methods.parts.gaussian import (
     unpack_symmetric,
 )
 from defectkit.methods.parts.maps import upsample_map
+from defectkit.methods.parts.photometric import check_mode, mode_from_file
 
 _SCALES = ("fine", "context")
 
@@ -83,6 +87,7 @@ class PaDiM(AnomalyModel):
         backbone: str = "efficientnet-lite0",
         layers: list[str] | None = None,
         image_size: int = 256,
+        photometric: str = "standardise",
         neighbourhood: int = 3,
         context_size: int = 128,
         context_layers: list[str] | None = None,
@@ -96,6 +101,7 @@ class PaDiM(AnomalyModel):
         self.backbone = backbone
         self.layers = layers
         self.image_size = image_size
+        self.photometric = photometric
         self.neighbourhood = neighbourhood
         self.context_size = context_size
         self.context_layers = context_layers
@@ -127,6 +133,7 @@ class PaDiM(AnomalyModel):
             raise ConfigError(f"shrinkage must be >= 0, got {self.shrinkage}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_mode(self.photometric)
 
     def _scale_layers(self) -> dict[str, list[str]]:
         name = self.backbone.split(":", 1)[0]
@@ -162,7 +169,13 @@ class PaDiM(AnomalyModel):
         for scale, (size, nb) in self._sizes().items():
             pick = [fx.layers.index(layer) for layer in layer_names[scale]]
             batches = feature_batches(
-                fx, images, size, self.batch_size, progress=progress, stage=f"{stage} ({scale})"
+                fx,
+                images,
+                size,
+                self.batch_size,
+                photometric=self.photometric,
+                progress=progress,
+                stage=f"{stage} ({scale})",
             )
             for idx, maps in batches:  # squashed: consecutive indices
                 chosen = [maps[k] for k in pick]
@@ -262,6 +275,7 @@ class PaDiM(AnomalyModel):
             "n_train_images": self.n_train_images_,
             "layers": self.layers,
             "context_layers": self.context_layers,
+            "photometric": self.photometric,
         }
         return arrays, info
 
@@ -306,6 +320,7 @@ class PaDiM(AnomalyModel):
             grid_out,
         )
         self.n_train_images_ = int(info.get("n_train_images", 0))
+        self.photometric = mode_from_file(info, "padim")
 
 
 def _positions(emb: torch.Tensor, channels: np.ndarray) -> torch.Tensor:

@@ -23,7 +23,7 @@ from defectkit.methods.parts.coreset import greedy_coreset
 from defectkit.methods.parts.embedding import patch_embedding, with_position
 from defectkit.methods.parts.knn import NearestNeighbours
 from defectkit.methods.parts.maps import upsample_map
-from defectkit.methods.parts.photometric import PHOTOMETRIC
+from defectkit.methods.parts.photometric import check_mode, mode_from_file
 from defectkit.methods.parts.resize import fit_size, to_tensor
 
 
@@ -105,8 +105,7 @@ class PatchCore(AnomalyModel):
             raise ConfigError(f"position_weight must be >= 0, got {self.position_weight}")
         if self.max_bank < 1:
             raise ConfigError(f"max_bank must be >= 1, got {self.max_bank}")
-        if self.photometric not in PHOTOMETRIC:
-            raise ConfigError(f"photometric must be one of {PHOTOMETRIC}, got {self.photometric!r}")
+        check_mode(self.photometric)
         if self.max_fit_patches < 1:
             raise ConfigError(f"max_fit_patches must be >= 1, got {self.max_fit_patches}")
 
@@ -361,10 +360,7 @@ class PatchCore(AnomalyModel):
         self.n_train_images_ = int(info.get("n_train_images", 0))
         fp = info.get("fit_patches")  # absent in files written before it was recorded
         self.fit_patches_ = (int(fp[0]), int(fp[1])) if fp else (0, 0)
-        # files written before photometric normalisation existed were fitted without it
-        self.photometric = str(info.get("photometric", "none"))
-        if self.photometric not in PHOTOMETRIC:
-            raise ModelFileError(f"patchcore model: unknown photometric {self.photometric!r}")
+        self.photometric = mode_from_file(info, "patchcore")
         self._index = None
         gb, gm, gs = arrays.get("global_bank"), arrays.get("global_mean"), arrays.get("global_std")
         if gb is None:  # written before the whole-image score existed

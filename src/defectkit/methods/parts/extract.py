@@ -21,6 +21,7 @@ def feature_batches(
     batch_size: int,
     *,
     keep_aspect: bool = False,
+    photometric: str = "none",
     progress: Progress | None = None,
     stage: str = "features",
 ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
@@ -28,8 +29,9 @@ def feature_batches(
 
     Images are resized by :func:`~defectkit.methods.parts.resize.fit_size`
     (squashed to ``side`` x ``side`` unless ``keep_aspect``) and batched with
-    others of the same network size. ``progress(stage, done, total)`` after
-    each batch.
+    others of the same network size, brightness and contrast normalised as
+    ``photometric`` says (:mod:`~defectkit.methods.parts.photometric`).
+    ``progress(stage, done, total)`` after each batch.
     """
     multiple = max(extractor.strides) if extractor.strides else 1
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -40,7 +42,7 @@ def feature_batches(
         for size, members in groups.items():
             for start in range(0, len(members), batch_size):
                 idx = members[start : start + batch_size]
-                x = torch.cat([to_tensor(images[i], size) for i in idx])
+                x = torch.cat([to_tensor(images[i], size, photometric) for i in idx])
                 yield idx, [f.contiguous() for f in extractor(x)]
                 done += len(idx)
                 if progress is not None:

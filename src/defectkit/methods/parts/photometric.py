@@ -18,13 +18,32 @@ classical ``threshold`` check.
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import torch
 
+from defectkit.errors import ConfigError, ModelFileError
+
 PHOTOMETRIC = ("standardise", "none")
 TARGET_MEAN = 0.45  # in [0, 1] pixel units: about ImageNet's mean grey
 TARGET_STD = 0.18
+
+
+def check_mode(mode: str) -> None:
+    """Refuse an unknown ``photometric`` setting."""
+    if mode not in PHOTOMETRIC:
+        raise ConfigError(f"photometric must be one of {PHOTOMETRIC}, got {mode!r}")
+
+
+def mode_from_file(info: dict[str, Any], method: str) -> str:
+    """The mode a model file was fitted with; files written before photometric
+    normalisation existed were fitted without it."""
+    mode = str(info.get("photometric", "none"))
+    if mode not in PHOTOMETRIC:
+        raise ModelFileError(f"{method} model: unknown photometric {mode!r}")
+    return mode
 
 
 def standardise(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
