@@ -17,7 +17,14 @@ from defectkit.data.synthetic import add_defect, make_surface
 from defectkit.detector import Detector
 from defectkit.errors import ConfigError
 from defectkit.methods.base import ScoreResult
-from defectkit.tiling import calibrate_tiled, score_tiled, split_tiles, tile_boxes, tile_starts
+from defectkit.tiling import (
+    calibrate_tiled,
+    score_tiled,
+    split_tiles,
+    tile_boxes,
+    tile_params,
+    tile_starts,
+)
 
 runner = CliRunner()
 
@@ -87,10 +94,11 @@ def test_small_defect_in_a_4096_image_is_found() -> None:
     rng = np.random.default_rng(5)
     tile = 512
     good = split_tiles([_mirrored(rng, 512)], tile)
+    params = {"backbone": "efficientnet-lite0", "image_size": 256, "coreset_ratio": 0.05}
     det = Detector.fit(
         good,
         "patchcore",
-        {"backbone": "efficientnet-lite0", "image_size": 256, "coreset_ratio": 0.05, "sigma": 4},
+        tile_params("patchcore", {**params, "sigma": 4}),
         calibration_fraction=0.2,
     )
     big = np.tile(_mirrored(rng, 512), (4, 4, 1))
@@ -191,3 +199,28 @@ def test_cli_fit_with_tiles_then_inspect_tiles_by_itself(tmp_path: Path) -> None
          "--calibration-fraction", "0"],
     )  # fmt: skip
     assert res.exit_code == 2 and "--tile needs held-out good images" in res.output
+
+
+def test_tiled_fits_do_not_standardise_each_tile() -> None:
+    assert tile_params("patchcore", {"sigma": 4}) == {"sigma": 4, "photometric": "none"}
+    assert tile_params("padim", {})["photometric"] == "none"
+    # the user's own choice stands; methods without the setting get nothing new
+    assert tile_params("patchcore", {"photometric": "standardise"})["photometric"] == "standardise"
+    assert tile_params("texture", {}) == {}
+
+
+def test_cli_fit_with_tiles_keeps_tile_brightness(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    data = tmp_path / "good"
+    data.mkdir()
+    for i in range(6):
+        save_png(data / f"g{i}.png", _mirrored(rng, 96))
+    out = tmp_path / "m.dkm"
+    res = runner.invoke(
+        app,
+        ["fit", str(data), "--out", str(out), "--tile", "64", "-q", "-p", "image_size=64"],
+    )
+    assert res.exit_code == 0, res.output
+    det = Detector.load(out)
+    assert det.model.photometric == "none"
+    assert det.info["tiling"]["tile"] == 64

@@ -425,7 +425,7 @@ def _fit_tiled(
     """Fit on tiles of the good images; calibrate on whole held-out images scored
     tile by tile, since a tiled image's score is the worst of its tiles'."""
     from defectkit.detector import Detector, split_for_calibration
-    from defectkit.tiling import calibrate_tiled, split_tiles
+    from defectkit.tiling import calibrate_tiled, split_tiles, tile_params
 
     tile, overlap, blend = tiling
     if cal_images is None:
@@ -440,7 +440,7 @@ def _fit_tiled(
     det = Detector.fit(
         tiles,
         method,
-        params,
+        tile_params(method, params),
         calibration_fraction=0.0,
         seed=seed,
         progress=progress,
