@@ -15,8 +15,7 @@ decision equal): the PyTorch backbone already runs BatchNorm-folded, fused
 oneDNN convolutions, and faiss and map post-processing are shared. Static int8
 quantisation (onnxruntime, QOperator, per-channel, percentile calibration on
 good images) ran the backbone 1.6x faster but moved its features by 24-35%
-(mean relative error), so it is not offered.
-The bundle's worth is a fixed,
+(mean relative error), so it is not offered. The bundle's worth is a fixed,
 checksummed graph that other runtimes (onnxruntime on other hardware, OpenVINO,
 TensorRT) can take, not a faster CPU path.
 
