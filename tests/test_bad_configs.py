@@ -132,6 +132,16 @@ def test_evaluate_without_defects_warns_that_metrics_are_undefined(
     res = runner.invoke(cli.app, ["evaluate", str(model), str(data), "-q"])
     assert res.exit_code == 0, res.output
     assert "no defective images were scored" in res.stderr
+    # JSON has no NaN: undefined figures are null, and a strict parser reads the line
+    res = runner.invoke(cli.app, ["evaluate", str(model), str(data), "--format", "json", "-q"])
+    assert res.exit_code == 0, res.output
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-JSON constant {token}")
+
+    metrics = json.loads(res.stdout, parse_constant=refuse)
+    assert metrics["image_auroc"] is None and metrics["pixel_auroc"] is None
+    assert metrics["n_defect"] == 0 and metrics["n_good"] > 0
 
 
 # -- settings ---------------------------------------------------------------------------------

@@ -1030,13 +1030,15 @@ def evaluate(
         missing = "defective" if metrics["n_good"] else "good"
         err.print(
             f"[yellow]warning:[/] no {missing} images were scored: AUROC, AP, F1 and the "
-            "pixel metrics are undefined (NaN)",
+            "pixel metrics are undefined (NaN; null in JSON)",
             highlight=False,
         )
     for p, problem in errors:
         err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if fmt == "json":
-        sys.stdout.write(json.dumps(metrics, default=_json_default) + "\n")
+        sys.stdout.write(
+            json.dumps(_strict_json(metrics), default=_json_default, allow_nan=False) + "\n"
+        )
     else:
         out.print(_metrics_table(metrics, title=f"{det.model.name} on {data}"))
         if det.classifier is not None:
@@ -1080,7 +1082,9 @@ def _evaluate_classifier(
     for p, problem in errors:
         err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if fmt == "json":
-        sys.stdout.write(json.dumps(report, default=_json_default) + "\n")
+        sys.stdout.write(
+            json.dumps(_strict_json(report), default=_json_default, allow_nan=False) + "\n"
+        )
     else:
         _print_classification(report, f"classifier on {manifest or data}")
     if errors:
@@ -1105,6 +1109,18 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _strict_json(o: Any) -> Any:
+    """``o`` with every NaN or infinite float (an undefined metric, e.g. AUROC without
+    defective images) as None: JSON has no NaN, and strict parsers refuse it."""
+    if isinstance(o, dict):
+        return {k: _strict_json(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_strict_json(v) for v in o]
+    if isinstance(o, float | np.floating) and not math.isfinite(float(o)):
+        return None
+    return o
 
 
 def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
@@ -1368,7 +1384,9 @@ def report(
     for p, problem in scored.errors:
         err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if fmt == "json":
-        sys.stdout.write(json.dumps(summary, default=_json_default) + "\n")
+        sys.stdout.write(
+            json.dumps(_strict_json(summary), default=_json_default, allow_nan=False) + "\n"
+        )
     else:
         out.print(_report_table(summary, title=f"{det.model.name} on {data}"))
         err.print(f"report written to {out_path} in {summary['seconds']['total']:.1f} s")
