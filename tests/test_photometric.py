@@ -15,7 +15,7 @@ from defectkit.methods.parts.photometric import TARGET_MEAN, TARGET_STD, standar
 from defectkit.methods.parts.resize import to_tensor
 from defectkit.methods.patchcore import PatchCore
 
-FAST = {"image_size": 96, "coreset_ratio": 0.1}
+FAST = {"image_size": 96, "coreset_ratio": 0.1, "context_size": 0}  # one scale: isolates the step
 SMALL: dict[type[AnomalyModel], dict[str, object]] = {
     PatchCore: FAST,
     PaDiM: {"image_size": 96, "context_size": 64},

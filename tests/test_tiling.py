@@ -202,7 +202,11 @@ def test_cli_fit_with_tiles_then_inspect_tiles_by_itself(tmp_path: Path) -> None
 
 
 def test_tiled_fits_do_not_standardise_each_tile() -> None:
-    assert tile_params("patchcore", {"sigma": 4}) == {"sigma": 4, "photometric": "none"}
+    assert tile_params("patchcore", {"sigma": 4}) == {
+        "sigma": 4,
+        "photometric": "none",
+        "context_size": 0,
+    }
     assert tile_params("padim", {})["photometric"] == "none"
     # the user's own choice stands; methods without the setting get nothing new
     assert tile_params("patchcore", {"photometric": "standardise"})["photometric"] == "standardise"
@@ -222,5 +226,5 @@ def test_cli_fit_with_tiles_keeps_tile_brightness(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     det = Detector.load(out)
-    assert det.model.photometric == "none"
+    assert det.model.photometric == "none" and det.model.context_size == 0
     assert det.info["tiling"]["tile"] == 64

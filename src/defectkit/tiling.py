@@ -18,11 +18,12 @@ a whole image raises a false alarm more often than one tile does.
 :func:`calibrate_tiled` re-calibrates on whole held-out good images, scored
 tile by tile as they will be inspected.
 
-Brightness: methods that standardise each image's brightness and contrast
-(``photometric``) would standardise each tile on its own, and a tile's
-brightness is content of the photograph, not lighting: a dull tile's noise
-was stretched until it outscored a 10 px hole on a 4096 px image.
-:func:`tile_params` turns it off for tiled fits unless asked for.
+Settings made for whole parts do not suit tiles, and :func:`tile_params` turns
+them off for tiled fits unless asked for: ``photometric`` would standardise
+each tile on its own, and a tile's brightness is content of the photograph,
+not lighting (a dull tile's noise was stretched until it outscored a 10 px hole
+on a 4096 px image); PatchCore's ``context_size`` would shrink each tile to a
+quarter of its side, which tiling is there to avoid.
 
 >>> params = tile_params("patchcore", {})                                   # doctest: +SKIP
 >>> det = Detector.fit(split_tiles(good_images, 512), "patchcore", params)  # doctest: +SKIP
@@ -100,15 +101,18 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[tuple[i
     ]
 
 
+_TILE_SETTINGS = {"photometric": "none", "context_size": 0}
+
+
 def tile_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` for a model fitted on tiles: ``photometric="none"`` where the
-    method has that setting and ``params`` does not choose it (see above)."""
+    """``params`` for a model fitted on tiles: ``photometric="none"`` and
+    ``context_size=0`` where the method has them and ``params`` does not choose
+    them (see above)."""
     from defectkit.methods import get_method
 
     known = inspect.signature(get_method(method).__init__).parameters
-    if "photometric" in known and "photometric" not in params:
-        return {**params, "photometric": "none"}
-    return dict(params)
+    extra = {k: v for k, v in _TILE_SETTINGS.items() if k in known and k not in params}
+    return {**params, **extra}
 
 
 def split_tiles(
