@@ -9,9 +9,9 @@ drift apart in their decision logic; only the backbone's arithmetic differs (to
 about 1e-5 relative).
 
 Speed: on magnetic-tile (``benchmarks/export_onnx.py``, default PatchCore,
-2-core Xeon) the bundle scores at the PyTorch path's speed (56 vs 58 ms CPU per
-image, 26.0 vs 24.9 images/s end to end, same image AUROC 0.9664, every
-decision equal): the PyTorch backbone already runs BatchNorm-folded, fused
+2-core Xeon) the bundle scores at about the PyTorch path's speed (77 vs 72 ms
+CPU per image, 19.8 vs 21.7 images/s end to end, same image AUROC 0.9795,
+every decision equal): the PyTorch backbone already runs BatchNorm-folded, fused
 oneDNN convolutions, and faiss and map post-processing are shared. Static int8
 quantisation (onnxruntime, QOperator, per-channel, percentile calibration on
 good images) ran the backbone 1.6x faster but moved its features by 24-35%
