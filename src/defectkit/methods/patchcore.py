@@ -9,7 +9,6 @@ map upsampling and smoothing.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,10 +20,11 @@ from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
 from defectkit.methods.parts.coreset import greedy_coreset
 from defectkit.methods.parts.embedding import patch_embedding, with_position
+from defectkit.methods.parts.extract import feature_batches
 from defectkit.methods.parts.knn import NearestNeighbours
 from defectkit.methods.parts.maps import upsample_map
 from defectkit.methods.parts.photometric import check_mode, mode_from_file
-from defectkit.methods.parts.resize import fit_size, to_tensor
+from defectkit.methods.parts.resize import fit_size
 
 _FINE, _CONTEXT = "fine", "context"
 
@@ -185,9 +185,10 @@ class PatchCore(AnomalyModel):
         return side, [fx.layers.index(layer) for layer in layers or []], nb
 
     def _sizes(self, images: Sequence[Image], scale: str = "fine") -> list[tuple[int, int]]:
-        """Network input size (h, w) of each image at ``scale``."""
-        side, picks, _ = self._scale(scale)
-        multiple = max(self.extractor.strides[k] for k in picks)
+        """Network input size (h, w) of each image at ``scale`` (as ``feature_batches``
+        sizes them)."""
+        side, _, _ = self._scale(scale)
+        multiple = max(self.extractor.strides)
         return [
             fit_size(img.shape[0], img.shape[1], side, multiple, self.keep_aspect) for img in images
         ]
@@ -195,31 +196,32 @@ class PatchCore(AnomalyModel):
     def _iter_embeddings(
         self, images: Sequence[Image], progress: Progress | None, stage: str, scale: str = "fine"
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """(image index, patch embeddings (h, w, C)) at ``scale``, images batched by
-        network size; only one batch of embeddings is alive at a time."""
+        """(image index, patch embeddings (h, w, C)) at ``scale``; only one batch of
+        embeddings is alive at a time."""
         side, picks, nb = self._scale(scale)
+        fx = self.extractor
         # about the same pixels per batch at both scales: small batches of small
         # inputs leave the cores waiting on per-call overhead
         batch = max(1, round(self.batch_size * (self.image_size / side) ** 2))
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, size in enumerate(self._sizes(images, scale)):
-            groups[size].append(i)
-        done = 0
+        batches = feature_batches(
+            fx,
+            images,
+            side,
+            batch,
+            keep_aspect=self.keep_aspect,
+            photometric=self.photometric,
+            progress=progress,
+            stage=stage,
+        )
         with torch.inference_mode():
-            for size, idx in groups.items():
-                for start in range(0, len(idx), batch):
-                    chunk = idx[start : start + batch]
-                    x = torch.cat([to_tensor(images[i], size, self.photometric) for i in chunk])
-                    feats = self.extractor(x)
-                    grid = (x.shape[-2] // self.grid_stride, x.shape[-1] // self.grid_stride)
-                    emb = patch_embedding([feats[k] for k in picks], nb, grid)
-                    emb = with_position(emb, self.position_weight)
-                    emb = emb.permute(0, 2, 3, 1).contiguous().numpy()
-                    done += len(chunk)
-                    for j, i in enumerate(chunk):
-                        yield i, emb[j]
-                    if progress is not None:
-                        progress(stage, done, len(images))
+            for idx, maps in batches:
+                chosen = [maps[k] for k in picks]
+                k = picks[0]
+                h, w = (n * fx.strides[k] // self.grid_stride for n in maps[k].shape[-2:])
+                emb = patch_embedding(chosen, nb, (h, w))
+                emb = with_position(emb, self.position_weight)
+                emb = emb.permute(0, 2, 3, 1).contiguous().numpy()
+                yield from zip(idx, emb, strict=True)
 
     def _embed_batches(
         self, images: Sequence[Image], progress: Progress | None, stage: str, scale: str = "fine"
@@ -350,6 +352,9 @@ class PatchCore(AnomalyModel):
         self.global_ref_ = 0.0
         self.local_ref_ = 0.0
         self.map_refs_ = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
+        global_on = self.global_weight > 0 and len(descriptors) >= 3
+        if not (global_on or self.context_size):
+            return
         step = max(1, len(images) // 100)
         sample = [images[i] for i in range(0, len(images), step)]
         fine, context, _, _ = self._raw_maps(sample)
@@ -360,7 +365,7 @@ class PatchCore(AnomalyModel):
                 level = float(np.median(values))
                 refs += [level, float(np.percentile(values, 99)) - level or 1.0]
             self.map_refs_ = np.array(refs, np.float32)
-        if self.global_weight <= 0 or len(descriptors) < 3:
+        if not global_on:
             return
         d, _ = NearestNeighbours(self.global_bank_).search(self.global_bank_, 2)
         self.global_ref_ = float(np.median(d[:, 1])) or 1.0
@@ -406,9 +411,12 @@ class PatchCore(AnomalyModel):
             scores = (local + bonus).astype(np.float32)
         # never below the fine scale's peak either (a small defect that the context
         # scale's 128 px cannot see), nor the map's, so no region tops its image
-        peaks = np.array([max(m.max(), f.max()) for m, f in zip(maps, fine, strict=True)])
-        scores = np.maximum(scores, peaks).astype(np.float32)
-        return ScoreResult(scores=scores, maps=[m.astype(np.float32) for m in maps], extras=extras)
+        peaks = [m.max() for m in maps]
+        if self.context_size:
+            peaks = [max(p, f.max()) for p, f in zip(peaks, fine, strict=True)]
+        scores = np.maximum(scores, np.array(peaks)).astype(np.float32)
+        maps = [m.astype(np.float32, copy=False) for m in maps]
+        return ScoreResult(scores=scores, maps=maps, extras=extras)
 
     def _grid_distances(
         self, images: Sequence[Image], scale: str, progress: Progress | None
