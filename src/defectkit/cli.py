@@ -614,6 +614,10 @@ def _decision_options(mm_per_pixel: float | None, severity_rules: Path | None) -
 MM_PER_PIXEL_HELP = "pixel size in mm, to give region areas in mm^2"
 SEVERITY_RULES_HELP = "JSON or TOML file of severity rules (see decide/severity.py)"
 RUNTIME_HELP = "auto (onnx for a bundle folder from `defectkit export`), torch or onnx"
+PRECISION_HELP = (
+    "backbone arithmetic when scoring: float32, or bfloat16 (torch runtime, patchcore/padim/"
+    "kmeans, CPUs with AVX512-BF16 or AMX; about 1.9x faster backbone, see BENCHMARKS.md)"
+)
 TILE_HELP = "score large images in tiles of this many px (model fitted on such tiles)"
 
 
@@ -644,6 +648,7 @@ def inspect(
         Path, typer.Option(help="ray, with --db: where stored images go (as serve)")
     ] = Path("defectkit-results"),
     runtime: Annotated[str, typer.Option(help=RUNTIME_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
     tile: Annotated[int | None, typer.Option(help=TILE_HELP)] = None,
     tile_overlap: Annotated[
         int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
@@ -679,7 +684,7 @@ def inspect(
     tiling = _tiling_options(tile, tile_overlap, tile_blend)
     if engine == "ray" and (tiling is not None or runtime == "onnx" or model.is_dir()):
         raise _fail("--tile and ONNX bundles (--runtime onnx) need --engine local")
-    det = _load_any_model(model, runtime)
+    det = _load_any_model(model, runtime, precision)
     fitted_tiling = getattr(det, "info", {}).get("tiling")  # from fit --tile
     if tiling is None and fitted_tiling:
         if engine == "ray":
@@ -702,6 +707,7 @@ def inspect(
             parquet=parquet,
             db=db,
             data_dir=data_dir,
+            precision=precision,
         )
         return
     if isinstance(det, DefectClassifier):
@@ -788,6 +794,7 @@ def _inspect_ray(
     parquet: Path | None,
     db: str | None,
     data_dir: Path,
+    precision: str = "float32",
 ) -> None:
     """inspect --engine ray: the same lines as the local engine, scored by a pool
     of Ray actors (defectkit/scale/ray_engine.py); optionally Parquet and the
@@ -824,6 +831,7 @@ def _inspect_ray(
         rules=rules,
         maps_out=maps_out,
         progress_bars=not quiet,
+        precision=precision,
     )
     with ResultSinks(parquet, db, data_dir) as sinks:
         for table in itertools.chain(first, batches):
@@ -839,14 +847,25 @@ def _inspect_ray(
         raise typer.Exit(EXIT_FILES_FAILED)
 
 
-def _load_any_model(model: Path, runtime: str = "torch") -> Any:
+def _load_any_model(model: Path, runtime: str = "torch", precision: str = "float32") -> Any:
     """A Detector, or a DefectClassifier stored alone; from an ONNX bundle folder
-    with ``runtime`` onnx (or auto), its backbone then runs in onnxruntime."""
+    with ``runtime`` onnx (or auto), its backbone then runs in onnxruntime. The
+    detector's backbone runs in ``precision``."""
+    if runtime not in ("auto", "torch", "onnx"):
+        raise _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+    det = _load_model_for(model, runtime)
+    if precision != "float32" and not hasattr(det, "set_precision"):
+        raise _fail(f"{model} holds a classifier alone: --precision is for anomaly detectors")
+    try:
+        return det.set_precision(precision) if hasattr(det, "set_precision") else det
+    except DefectkitError as e:
+        raise _fail(f"--precision {precision}: {e}") from None
+
+
+def _load_model_for(model: Path, runtime: str) -> Any:
     from defectkit.detector import load_model
     from defectkit.export.onnx_bundle import read_bundle
 
-    if runtime not in ("auto", "torch", "onnx"):
-        raise _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
     try:
         if runtime == "onnx" or (runtime == "auto" and model.is_dir()):
             from defectkit.export.runtime import load_onnx_detector
@@ -995,6 +1014,7 @@ def evaluate(
         typer.Option(help="CSV image,class,split: classifiers are evaluated on its test rows"),
     ] = None,
     runtime: Annotated[str, typer.Option(help=RUNTIME_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
 
@@ -1008,7 +1028,7 @@ def evaluate(
     if fmt not in ("json", "table"):
         raise _fail(f"--format must be json or table, got {fmt!r}")
     manifest = _resolve_manifest(manifest, data)
-    det = _load_any_model(model, runtime)
+    det = _load_any_model(model, runtime, precision)
     if isinstance(det, DefectClassifier):
         _evaluate_classifier(det, data, manifest, fmt, quiet)
         return

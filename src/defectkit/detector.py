@@ -37,6 +37,8 @@ from defectkit.methods.base import Image, Progress, check_images
 from defectkit.model_file import ModelFile, read_model, write_model
 
 MODEL_SUFFIX = ".dkm"
+#: methods that may score with a lower-precision backbone (Detector.set_precision)
+LOW_PRECISION_METHODS = ("patchcore", "padim", "kmeans")
 
 
 def split_for_calibration(
@@ -200,6 +202,36 @@ class Detector:
             for e, a in zip(extras, res.scores, strict=True)
         ]
         return ScoreResult(scores=scores.astype(np.float32), maps=res.maps, extras=extras)
+
+    def set_precision(self, precision: str) -> Detector:
+        """Score with the method's backbone in ``precision`` ("float32" or
+        "bfloat16"; see :meth:`~defectkit.backbones.FeatureExtractor.set_precision`).
+
+        Only for the methods whose scoring is a frozen backbone plus arithmetic on
+        its features (:data:`LOW_PRECISION_METHODS`), where bfloat16 was measured;
+        thresholds stay as calibrated. A classifier in the file stays float32.
+        """
+        from defectkit.backbones import PRECISIONS, FeatureExtractor
+
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
+        if precision == "float32" and self.model.name not in LOW_PRECISION_METHODS:
+            return self
+        if self.model.name not in LOW_PRECISION_METHODS:
+            raise ConfigError(
+                f"precision {precision} is for the backbone methods "
+                f"({', '.join(LOW_PRECISION_METHODS)}), not {self.model.name}"
+            )
+        fx = self.model.extractor
+        if not isinstance(fx, FeatureExtractor):
+            raise ConfigError(
+                f"precision {precision} is for the PyTorch runtime; this model's backbone "
+                f"runs in {type(fx).__name__}"
+            )
+        fx.set_precision(precision)
+        return self
 
     def classify(self, images: Sequence[Image]) -> np.ndarray | None:
         """Defect-type probabilities (n, types), columns in ``classifier.classes_``

@@ -284,14 +284,18 @@ class EfficientNetLite(nn.Module):
         return [found[t] for t in taps]
 
     def _fused_allowed(self, x: Tensor) -> bool:
-        """The fused ops are for eager CPU float32 inference: not traced, exported or trained."""
+        """The fused ops are for eager CPU inference in float32 (or bfloat16, weights and
+        input alike): not traced, exported or trained."""
         if (
             torch.jit.is_tracing()
             or torch.compiler.is_compiling()
             or torch.onnx.is_in_onnx_export()
         ):
             return False
-        if x.device.type != "cpu" or x.dtype != torch.float32:
+        weight = self._conv_stem.weight
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if weight.dtype != x.dtype:
             return False
         return not torch.is_grad_enabled() or not (
             x.requires_grad or any(p.requires_grad for p in self.parameters())

@@ -123,13 +123,14 @@ class InspectActor:
         maps_out: str | None = None,
         maps_shown: str | None = None,
         threads: int = 1,
+        precision: str = "float32",
     ) -> None:
         import torch
 
         from defectkit.detector import Detector
 
         torch.set_num_threads(max(1, threads))
-        self.det = Detector.load(model)
+        self.det = Detector.load(model).set_precision(precision)
         self.mm_per_pixel = mm_per_pixel
         self.rules = rules
         self.maps_out = None if maps_out is None else Path(maps_out)
@@ -182,6 +183,7 @@ def inspect_paths(
     rules: Any = None,
     maps_out: str | os.PathLike[str] | None = None,
     progress_bars: bool = False,
+    precision: str = "float32",
 ) -> Iterator[Any]:
     """Score ``paths`` on Ray with ``workers`` actors; yields Arrow tables of
     result rows (columns :data:`COLUMNS`) in input order.
@@ -189,7 +191,8 @@ def inspect_paths(
     Connects to ``address`` (``auto``, ``ray://host:10001``, ...) or starts a
     local Ray instance, unless Ray is already initialised in this process (then
     it is used as it is and left running). Each actor reserves
-    ``cpus_per_worker`` CPUs and uses as many torch threads.
+    ``cpus_per_worker`` CPUs and uses as many torch threads, and runs the
+    backbone in ``precision`` (see :meth:`Detector.set_precision`).
     """
     if workers < 1 or cpus_per_worker < 1 or batch_size < 1:
         raise ConfigError("workers, cpus_per_worker and batch_size must be >= 1")
@@ -226,6 +229,7 @@ def inspect_paths(
                 "maps_out": maps_abs,
                 "maps_shown": None if maps_out is None else str(maps_out),
                 "threads": cpus_per_worker,
+                "precision": precision,
             },
             batch_size=batch_size,
             batch_format="numpy",

@@ -1,0 +1,111 @@
+"""Backbone precision: float32 against bfloat16 scoring on magnetic-tile.
+
+    python benchmarks/precision.py [--model tile.dkm] [--method patchcore] [--no-record]
+
+Without --model it fits ``--method`` with its default settings (float32, as
+every fit is). Then, for each precision:
+
+- accuracy: ``defectkit evaluate MODEL DATA --precision P --format json``;
+- end to end: ``defectkit inspect MODEL test/ -q --precision P`` wall time
+  (process start, model load, image reading, scoring, JSON lines), best of
+  ``--repeats`` runs, the precisions alternating so a shared machine's load hits
+  both alike; and how many OK/NG decisions differ from float32.
+
+bfloat16 needs a CPU with AVX512-BF16 or AMX; elsewhere the script says so and
+stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from _record import SHARED_DATA, git_commit, machine, record, run_cli
+
+from defectkit.backbones import bfloat16_native
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", type=Path, default=None, help="reuse this model file")
+    ap.add_argument("--method", default="patchcore")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "magnetic-tile")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"dataset not found: {args.data} (needs ../shared/data/magnetic-tile)")
+    if not bfloat16_native():
+        raise SystemExit("this CPU has neither AVX512-BF16 nor AMX: bfloat16 is not offered here")
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        fit_note = f"reused `{model}`"
+        if model is None:
+            model = Path(tmp) / "model.dkm"
+            fit = run_cli(
+                ["fit", str(args.data), "--method", args.method, "--out", str(model), "-q"]
+            )
+            fit_note = f"fitted here in {fit.seconds:.0f} s with default settings"
+        metrics = {}
+        for p in PRECISIONS:
+            ev = run_cli(
+                ["evaluate", str(model), str(args.data), "--format", "json", "--precision", p]
+            )
+            metrics[p] = json.loads(ev.stdout)
+        seconds: dict[str, float] = {}
+        lines_out: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):
+            for p in PRECISIONS:
+                run = run_cli(
+                    ["inspect", str(model), str(args.data / "test"), "-q", "--precision", p]
+                )
+                seconds[p] = min(seconds.get(p, float("inf")), run.seconds)
+                lines_out[p] = [json.loads(x) for x in run.stdout.splitlines() if x.strip()]
+    load_after = os.getloadavg()
+
+    n = len(lines_out["float32"])
+    ref = {r["path"]: r["is_defect"] for r in lines_out["float32"]}
+    flipped = sum(ref[r["path"]] != r["is_defect"] for r in lines_out["bfloat16"])
+    lines = [
+        f"## Backbone precision: `{args.method}` on magnetic-tile, float32 vs bfloat16",
+        "",
+        f"- command: `python benchmarks/precision.py --method {args.method}` (commit "
+        f"{git_commit()}, uncommitted changes may apply); model {fit_note}",
+        f"- machine: {machine()}; load average before/after {load_before[0]:.1f} / "
+        f"{load_after[0]:.1f} (shared machine)",
+        f"- {n} test images; end to end is `defectkit inspect MODEL test/ -q --precision P`, "
+        f"best of {args.repeats}",
+        "",
+        "| precision | image AUROC | pixel AUROC | AUPRO | inspect wall s (end to end) "
+        "| images / s | OK/NG decisions unlike float32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in PRECISIONS:
+        m = metrics[p]
+        diff = 0 if p == "float32" else flipped
+        lines.append(
+            f"| {p} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} | "
+            f"{seconds[p]:.1f} | {n / seconds[p]:.1f} | {diff} of {n} |"
+        )
+    lines.append("")
+    lines.append(
+        f"- speed-up bfloat16 / float32, end to end: "
+        f"{seconds['float32'] / seconds['bfloat16']:.2f}x"
+    )
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        record(f"precision-{args.method}", text)
+
+
+if __name__ == "__main__":
+    main()
