@@ -88,3 +88,33 @@ def test_files_from_before_the_context_scale_load_single_scale(
 def test_bad_context_settings_are_refused(setting: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         PatchCore(**setting).fit([np.zeros((64, 64, 3), np.uint8)] * 3)
+
+
+def test_constant_descriptor_entries_do_not_amplify_rounding(
+    two_scale: PatchCore, surface_set: dict[str, list[np.ndarray]]
+) -> None:
+    std = two_scale.global_std_
+    raw = two_scale.global_bank_ * std + two_scale.global_mean_  # the training descriptors
+    constant = raw.std(0) < 1e-4 * np.median(raw.std(0))
+    assert constant.any()  # this size has them: the case the floor is for
+    assert std.min() >= 0.01 * np.median(std) * (1 - 1e-6)
+    # a file written before the floor (spread + 1e-6) loads re-standardised
+    arrays, info = two_scale.learned_state()
+    old_std = (raw.std(0) + 1e-6).astype(np.float32)
+    old = {
+        **arrays,
+        "global_std": old_std,
+        "global_bank": ((raw - two_scale.global_mean_) / old_std).astype(np.float32),
+    }
+    loaded = PatchCore(**SMALL)
+    loaded.load_learned_state(old, info)
+    np.testing.assert_allclose(loaded.global_std_, std, rtol=1e-5)
+    np.testing.assert_allclose(loaded.global_bank_, two_scale.global_bank_, rtol=1e-3, atol=1e-3)
+    images = surface_set["bad"]
+    np.testing.assert_allclose(
+        loaded.score(images).scores, two_scale.score(images).scores, rtol=1e-4
+    )
+    # rounding-sized changes to a descriptor move the whole-image distance by rounding only
+    d = (raw[:1] - two_scale.global_mean_) / std
+    nudged = (raw[:1] + 1e-7 * constant - two_scale.global_mean_) / std
+    assert float(np.abs(d - nudged).max()) < 1e-3
