@@ -217,7 +217,10 @@ class Detector:
             raise ConfigError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
             )
-        if precision == "float32" and self.model.name not in LOW_PRECISION_METHODS:
+        if precision == "float32":  # the default everywhere: only undo an earlier choice
+            fx = getattr(self.model, "_extractor", None)
+            if isinstance(fx, FeatureExtractor):
+                fx.set_precision(precision)
             return self
         if self.model.name not in LOW_PRECISION_METHODS:
             raise ConfigError(
