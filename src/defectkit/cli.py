@@ -616,7 +616,8 @@ SEVERITY_RULES_HELP = "JSON or TOML file of severity rules (see decide/severity.
 RUNTIME_HELP = "auto (onnx for a bundle folder from `defectkit export`), torch or onnx"
 PRECISION_HELP = (
     "backbone arithmetic when scoring: float32, or bfloat16 (torch runtime, patchcore/padim/"
-    "kmeans, CPUs with AVX512-BF16 or AMX; about 1.9x faster backbone, see BENCHMARKS.md)"
+    "kmeans, CPUs with AVX512-BF16 or AMX; 1.2x faster inspect on magnetic-tile, see "
+    "BENCHMARKS.md)"
 )
 TILE_HELP = "score large images in tiles of this many px (model fitted on such tiles)"
 
