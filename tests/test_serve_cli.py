@@ -113,6 +113,14 @@ def test_serve_rejects_a_missing_model(tmp_path):
     assert res.exit_code == 2 and "no such model file" in res.output
 
 
+def test_serve_refuses_a_bad_precision_before_listening(model_file, tmp_path):
+    res = CliRunner().invoke(
+        app, ["serve", str(model_file), "--data-dir", str(tmp_path), "--precision", "int4"]
+    )
+    assert res.exit_code == 2 and "precision must be one of float32, bfloat16" in res.output
+    assert not (tmp_path / "results.db").exists()  # refused before the store was opened
+
+
 def test_sigkill_under_concurrent_load_loses_no_acknowledged_result(
     model_file, demo_root, tmp_path
 ):

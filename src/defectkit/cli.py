@@ -1534,6 +1534,7 @@ def serve(
     webhook: Annotated[str | None, typer.Option(help="URL to POST SPC alarms to")] = None,
     spc_baseline: Annotated[int, typer.Option(help="good parts that set the SPC baseline")] = 100,
     threads: Annotated[int, typer.Option(help="torch threads of the scoring worker")] = 2,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
 ) -> None:
     """Run the inspection service and dashboard (see defectkit/serve/app.py)."""
     from defectkit.export.onnx_bundle import is_bundle
@@ -1543,18 +1544,22 @@ def serve(
         raise _fail(f"{model}: no such model file or ONNX bundle folder")
     if max_upload_mb <= 0 or spc_baseline < 5:
         raise _fail("--max-upload-mb must be > 0 and --spc-baseline at least 5")
-    run_service(
-        model,
-        db=db,
-        data_dir=data_dir,
-        host=host,
-        port=port,
-        token=token,
-        max_upload_mb=max_upload_mb,
-        webhook=webhook,
-        baseline=spc_baseline,
-        threads=threads,
-    )
+    try:
+        run_service(
+            model,
+            db=db,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            token=token,
+            max_upload_mb=max_upload_mb,
+            webhook=webhook,
+            baseline=spc_baseline,
+            threads=threads,
+            precision=precision,
+        )
+    except DefectkitError as e:  # a model or setting the service cannot start with
+        raise _fail(str(e)) from None
 
 
 @app.command("export-labels")

@@ -27,6 +27,7 @@ def serve(
     webhook: str | None,
     baseline: int,
     threads: int,
+    precision: str = "float32",
 ) -> None:
     import torch
     import uvicorn
@@ -53,6 +54,7 @@ def serve(
         det = load_onnx_detector(model, threads=max(1, threads))
     else:
         det = Detector.load(model)
+    det.set_precision(precision)
     store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
     app = create_app(
         det,
