@@ -4,6 +4,7 @@ between markers (figures are only ever written by the scripts)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -92,3 +93,21 @@ def record(section: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model (reuse a file), --method (what to fit otherwise), --data, --no-record."""
+    ap.add_argument("--model", type=Path, default=None, help="reuse this model file")
+    ap.add_argument("--method", default="patchcore")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "magnetic-tile")
+    ap.add_argument("--no-record", action="store_true")
+
+
+def model_for(args: argparse.Namespace, tmp: str | Path) -> tuple[Path, str]:
+    """``args.model``, or ``--method`` fitted on ``args.data`` with its default
+    settings into ``tmp``; and a note saying which, for the record."""
+    if args.model is not None:
+        return Path(args.model), f"reused `{args.model}`"
+    model = Path(tmp) / "model.dkm"
+    fit = run_cli(["fit", str(args.data), "--method", args.method, "--out", str(model), "-q"])
+    return model, f"fitted here in {fit.seconds:.0f} s with default settings"

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import SHARED_DATA, git_commit, machine, record, run_cli
+from _record import git_commit, machine, model_arguments, model_for, record, run_cli
 
 from defectkit.backbones import bfloat16_native
 from defectkit.data.batches import load_all
@@ -66,11 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", type=Path, default=None, help="reuse this model file")
-    ap.add_argument("--method", default="patchcore")
-    ap.add_argument("--data", type=Path, default=SHARED_DATA / "magnetic-tile")
+    model_arguments(ap)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"dataset not found: {args.data} (needs ../shared/data/magnetic-tile)")
@@ -79,14 +76,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        fit_note = f"reused `{model}`"
-        if model is None:
-            model = Path(tmp) / "model.dkm"
-            fit = run_cli(
-                ["fit", str(args.data), "--method", args.method, "--out", str(model), "-q"]
-            )
-            fit_note = f"fitted here in {fit.seconds:.0f} s with default settings"
+        model, fit_note = model_for(args, tmp)
         bb = backbone_ms(model, args.data)
         metrics = {}
         for p in PRECISIONS:
