@@ -1192,9 +1192,11 @@ def export(
     out: Annotated[Path, typer.Option(help="bundle folder to write (replaced if a bundle)")],
     fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
 ) -> None:
-    """Write MODEL as a bundle folder: the backbone as ONNX, the learned arrays as
-    safetensors, a JSON manifest with checksums. `defectkit inspect DIR` runs it
-    with onnxruntime (same output lines and decisions as the PyTorch path)."""
+    """Write MODEL as an ONNX bundle folder for onnxruntime and edge devices.
+
+    The folder holds the backbone as ONNX, the learned arrays as safetensors and a
+    JSON manifest with checksums. `defectkit inspect DIR` runs it with onnxruntime
+    (same output lines and decisions as the PyTorch path)."""
     from defectkit.export.onnx_bundle import export_onnx
 
     if fmt != "onnx":
