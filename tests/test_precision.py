@@ -100,7 +100,7 @@ def test_cli_inspect_in_bfloat16_gives_the_same_lines_with_close_scores(
 
 def test_cli_refuses_bad_precisions(fitted: Path, demo_root: Path, tmp_path: Path) -> None:
     code, out = _inspect(fitted, demo_root, "--precision", "float16")
-    assert code == 2 and "precision must be one of float32, bfloat16" in out
+    assert code == 2 and "--precision must be one of float32, bfloat16" in out
     other = cli_fit(demo_root, tmp_path / "thr.dkm", "--method", "threshold")
     code, out = _inspect(other, demo_root, "--precision", "bfloat16")
     assert code == 2 and "patchcore, padim, kmeans" in out and "threshold" in out

@@ -852,8 +852,12 @@ def _load_any_model(model: Path, runtime: str = "torch", precision: str = "float
     """A Detector, or a DefectClassifier stored alone; from an ONNX bundle folder
     with ``runtime`` onnx (or auto), its backbone then runs in onnxruntime. The
     detector's backbone runs in ``precision``."""
+    from defectkit.backbones import PRECISIONS
+
     if runtime not in ("auto", "torch", "onnx"):
         raise _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
+    if precision not in PRECISIONS:  # before the model loads
+        raise _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     det = _load_model_for(model, runtime)
     if precision != "float32" and not hasattr(det, "set_precision"):
         raise _fail(f"{model} holds a classifier alone: --precision is for anomaly detectors")
@@ -864,6 +868,7 @@ def _load_any_model(model: Path, runtime: str = "torch", precision: str = "float
 
 
 def _load_model_for(model: Path, runtime: str) -> Any:
+    """The model file or bundle at ``model`` for ``runtime`` (a usage error if unusable)."""
     from defectkit.detector import load_model
     from defectkit.export.onnx_bundle import read_bundle
 

@@ -145,8 +145,8 @@ class FeatureExtractor(nn.Module):
         AUROC +0.001, pixel AUROC -0.002, AUPRO -0.003, and 8 of 582 OK/NG
         decisions changed. PaDiM and k-means: metrics within 0.005, ``inspect``
         1.24x and 1.53x. Fitting in bfloat16 was worse (PatchCore pixel AUROC
-        -0.009), so it is for scoring only. The float32 weights are kept: switching back is
-        exact. ONNX export always traces the float32 network.
+        -0.009), so it is for scoring only. The float32 weights are kept:
+        switching back is exact. ONNX export always traces the float32 network.
         """
         if precision not in PRECISIONS:
             raise ConfigError(
