@@ -132,6 +132,7 @@ class PatchCore(AnomalyModel):
         self._extractor: FeatureExtractor | None = None
         self._index: NearestNeighbours | None = None
         self._context_index: NearestNeighbours | None = None
+        self._global_index: NearestNeighbours | None = None
 
     # -- parts ------------------------------------------------------------------
     def _validate(self) -> None:
@@ -299,7 +300,7 @@ class PatchCore(AnomalyModel):
                 images, _CONTEXT, self.context_coreset_ratio, progress
             )
         self.n_train_images_ = len(images)
-        self._index = self._context_index = None
+        self._index = self._context_index = self._global_index = None
         self._fit_global(np.stack(descriptors), images)
         return self
 
@@ -381,7 +382,7 @@ class PatchCore(AnomalyModel):
             self.map_refs_ = np.array(refs, np.float32)
         if not global_on:
             return
-        d, _ = NearestNeighbours(self.global_bank_).search(self.global_bank_, 2)
+        d, _ = self._global_nn().search(self.global_bank_, 2)
         self.global_ref_ = float(np.median(d[:, 1])) or 1.0
         local = [float(m.max()) for m in (context if self.context_size else fine)]
         self.local_ref_ = float(np.median(local)) or 1.0
@@ -395,6 +396,12 @@ class PatchCore(AnomalyModel):
         if self._index is None:
             self._index = NearestNeighbours(self.memory_bank_, approximate=approximate)
         return self._index
+
+    def _global_nn(self) -> NearestNeighbours:
+        """Exact search over the good images' descriptors, built once (not per batch)."""
+        if self._global_index is None:
+            self._global_index = NearestNeighbours(self.global_bank_)
+        return self._global_index
 
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
         """Image scores and maps. With a context scale, the image score is the
@@ -417,7 +424,7 @@ class PatchCore(AnomalyModel):
         scores = local
         if self.global_weight > 0 and self.global_ref_ > 0:
             g = (np.stack(descriptors) - self.global_mean_) / self.global_std_
-            gd, _ = NearestNeighbours(self.global_bank_).search(g.astype(np.float32), 1)
+            gd, _ = self._global_nn().search(g.astype(np.float32), 1)
             bonus = self.global_weight * self.local_ref_ * gd[:, 0] / self.global_ref_
             for i in range(len(bonus)):
                 extras[i]["global_distance"] = round(float(gd[i, 0] / self.global_ref_), 4)
@@ -551,6 +558,7 @@ class PatchCore(AnomalyModel):
         self.map_refs_ = refs.astype(np.float32)
         self._context_index = None
         self._index = None
+        self._global_index = None
         gb, gm, gs = arrays.get("global_bank"), arrays.get("global_mean"), arrays.get("global_std")
         if gb is None:  # written before the whole-image score existed
             gb = np.zeros((1, 1), np.float32)
