@@ -444,3 +444,23 @@ def test_hooks_with_preprocess_callable() -> None:
 def test_hooks_bad_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_backbone(_Tiny(), **kwargs)
+
+
+def test_compiling_takes_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused ops are eager-only; under torch.compile the network must not call them
+    (the check skips asking dynamo until dynamo is loaded)."""
+    from defectkit.backbones.efficientnet_lite import SameConv2d
+
+    fx = load_backbone("efficientnet-lite0")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = fx(x)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fused op called while compiling")
+
+    monkeypatch.setattr(SameConv2d, "forward_fused", refuse)
+    with torch.no_grad():
+        got = torch.compile(fx, backend="eager")(x)
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -286,11 +287,10 @@ class EfficientNetLite(nn.Module):
     def _fused_allowed(self, x: Tensor) -> bool:
         """The fused ops are for eager CPU inference in float32 (or bfloat16, weights and
         input alike): not traced, exported or trained."""
-        if (
-            torch.jit.is_tracing()
-            or torch.compiler.is_compiling()
-            or torch.onnx.is_in_onnx_export()
-        ):
+        # nothing compiles before torch._dynamo is imported, and asking imports it
+        # (0.24 s of every CLI start)
+        compiling = "torch._dynamo" in sys.modules and torch.compiler.is_compiling()
+        if torch.jit.is_tracing() or compiling or torch.onnx.is_in_onnx_export():
             return False
         weight = self._conv_stem.weight
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
