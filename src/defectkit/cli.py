@@ -852,12 +852,14 @@ def _load_any_model(model: Path, runtime: str = "torch", precision: str = "float
     """A Detector, or a DefectClassifier stored alone; from an ONNX bundle folder
     with ``runtime`` onnx (or auto), its backbone then runs in onnxruntime. The
     detector's backbone runs in ``precision``."""
-    from defectkit.backbones import PRECISIONS
+    from defectkit.backbones import check_precision
 
     if runtime not in ("auto", "torch", "onnx"):
         raise _fail(f"--runtime must be auto, torch or onnx, got {runtime!r}")
-    if precision not in PRECISIONS:  # before the model loads
-        raise _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    try:
+        check_precision(precision)  # before the model loads
+    except DefectkitError as e:
+        raise _fail(f"--{e}") from None
     det = _load_model_for(model, runtime)
     if precision != "float32" and not hasattr(det, "set_precision"):
         raise _fail(f"{model} holds a classifier alone: --precision is for anomaly detectors")

@@ -211,12 +211,9 @@ class Detector:
         its features (:data:`LOW_PRECISION_METHODS`), where bfloat16 was measured;
         thresholds stay as calibrated. A classifier in the file stays float32.
         """
-        from defectkit.backbones import PRECISIONS, FeatureExtractor
+        from defectkit.backbones import FeatureExtractor, check_precision
 
-        if precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-            )
+        check_precision(precision)
         if precision == "float32":  # the default everywhere: only undo an earlier choice
             fx = getattr(self.model, "_extractor", None)
             if isinstance(fx, FeatureExtractor):

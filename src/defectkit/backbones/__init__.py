@@ -41,6 +41,7 @@ __all__ = [
     "FeatureExtractor",
     "available_backbones",
     "bfloat16_native",
+    "check_precision",
     "default_layers",
     "load_backbone",
     "stage_ends",
@@ -52,6 +53,12 @@ _PACKAGED = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 _PROBE_SIZE = 224
 #: arithmetic a FeatureExtractor can run in (see FeatureExtractor.set_precision)
 PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision name that is not one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def bfloat16_native() -> bool:
@@ -148,10 +155,7 @@ class FeatureExtractor(nn.Module):
         -0.009), so it is for scoring only. The float32 weights are kept:
         switching back is exact. ONNX export always traces the float32 network.
         """
-        if precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-            )
+        check_precision(precision)
         if precision != "float32" and precision not in self._lowp:
             if not bfloat16_native():
                 raise ConfigError(
