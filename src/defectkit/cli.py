@@ -14,8 +14,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,12 @@ from rich.table import Table
 from defectkit import __version__
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
 from defectkit.errors import ConfigError, DefectkitError
+from defectkit.scale.local_pool import (
+    MIN_IMAGES_FOR_WORKERS,
+    WorkerPool,
+    auto_jobs,
+    single_threaded,
+)
 
 # Spinning OpenMP threads collapse throughput (to ~2 images/s) when another
 # process shares the cores, as on a line PC; passive waiting costs ~15% when idle.
@@ -655,6 +662,14 @@ def inspect(
         int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
     ] = None,
     tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="local processes, one torch thread each (0: one per CPU core from "
+            f"{MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, all cores)",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """Score images; one JSON object per image on stdout (exit 1 if any file failed).
 
@@ -670,10 +685,7 @@ def inspect(
     is_defect, threshold, regions and severity are null: a classifier names types,
     it does not decide OK/NG).
     """
-    from defectkit.classify.classifier import DefectClassifier
-    from defectkit.data.batches import iter_batches
     from defectkit.data.datasets import list_images
-    from defectkit.decide.records import failed_record, inspect_loaded
 
     if fmt not in ("jsonl", "table"):
         raise _fail(f"--format must be jsonl or table, got {fmt!r}")
@@ -685,38 +697,90 @@ def inspect(
     tiling = _tiling_options(tile, tile_overlap, tile_blend)
     if engine == "ray" and (tiling is not None or runtime == "onnx" or model.is_dir()):
         raise _fail("--tile and ONNX bundles (--runtime onnx) need --engine local")
-    det = _load_any_model(model, runtime, precision)
-    fitted_tiling = getattr(det, "info", {}).get("tiling")  # from fit --tile
-    if tiling is None and fitted_tiling:
-        if engine == "ray":
-            raise _fail(f"{model} was fitted on tiles; tiled inspection needs --engine local")
-        t = fitted_tiling
-        tiling = (int(t["tile"]), int(t["overlap"]), str(t["blend"]))
-    if engine == "ray":
-        _inspect_ray(
-            det,
-            model,
-            inputs,
-            fmt,
-            maps_out,
-            batch_size,
-            mm_per_pixel,
-            rules,
-            quiet,
-            address=address,
-            workers=workers,
-            parquet=parquet,
-            db=db,
-            data_dir=data_dir,
-            precision=precision,
-        )
+    if engine == "local":
+        with ExitStack() as stack:
+            # workers start now, so their start-up overlaps this process's own
+            paths, problems = list_images(inputs, report_empty=True)
+            n_batches = -(-len(paths) // batch_size)
+            n_jobs = min(jobs or auto_jobs(len(paths)), max(1, n_batches))
+            pool = None
+            if n_jobs > 1:
+                load = partial(_worker_model, model, runtime, precision)
+                pool = stack.enter_context(WorkerPool(n_jobs - 1, load))
+                stack.enter_context(single_threaded())  # imports torch: after the spawn
+            det = _load_any_model(model, runtime, precision)
+            if pool is not None and not hasattr(det, "set_precision"):
+                stack.close()  # a classifier alone: this process, all its threads
+                pool = None
+            _inspect_local(
+                det,
+                model,
+                inputs,
+                paths,
+                problems,
+                fmt,
+                maps_out,
+                batch_size,
+                mm_per_pixel,
+                rules,
+                quiet,
+                tiling,
+                pool,
+            )
         return
+    det = _load_any_model(model, runtime, precision)
+    if getattr(det, "info", {}).get("tiling"):  # from fit --tile
+        raise _fail(f"{model} was fitted on tiles; tiled inspection needs --engine local")
+    _inspect_ray(
+        det,
+        model,
+        inputs,
+        fmt,
+        maps_out,
+        batch_size,
+        mm_per_pixel,
+        rules,
+        quiet,
+        address=address,
+        workers=workers,
+        parquet=parquet,
+        db=db,
+        data_dir=data_dir,
+        precision=precision,
+    )
+
+
+def _inspect_local(
+    det: Any,
+    model: Path,
+    inputs: list[Path],
+    paths: list[Path],
+    problems: list[tuple[Path, str]],
+    fmt: str,
+    maps_out: Path | None,
+    batch_size: int,
+    mm_per_pixel: float | None,
+    rules: Any,
+    quiet: bool,
+    tiling: Any,
+    pool: Any,
+) -> None:
+    """``inspect`` on this machine: in this process, and in ``pool``'s worker
+    processes when there is one."""
+    from defectkit.classify.classifier import DefectClassifier
+    from defectkit.data.batches import iter_batches
+    from defectkit.decide.records import failed_record
+    from defectkit.scale.local_pool import ordered_batches
+
     if isinstance(det, DefectClassifier):
         if maps_out is not None:
             raise _fail(f"{model} holds a classifier alone: no anomaly maps for --maps-out")
         _inspect_classifier(det, inputs, fmt, batch_size, quiet)
         return
-    paths, problems = list_images(inputs, report_empty=True)
+    fitted_tiling = det.info.get("tiling")  # from fit --tile
+    if tiling is None and fitted_tiling:
+        t = fitted_tiling
+        tiling = (int(t["tile"]), int(t["overlap"]), str(t["blend"]))
     types = det.classifier.classes_ if det.classifier is not None else None
     n_failed = 0
     rows: list[dict[str, Any]] = []
@@ -733,28 +797,34 @@ def inspect(
         emit(failed_record(det, str(p), problem))
     if maps_out is not None:
         maps_out.mkdir(parents=True, exist_ok=True)
+    work = partial(
+        _inspect_batch,
+        mm_per_pixel=mm_per_pixel,
+        rules=rules,
+        maps_out=maps_out,
+        tiling=tiling,
+    )
+    starts = range(0, len(paths), batch_size)
+    if pool is not None:
+        batches = [(i + 1, paths[i : i + batch_size]) for i in starts]
+        results = ordered_batches(batches, partial(work, det), pool, work)
+    else:  # decoding the next batch in background threads while this one scores
+        loaded = iter_batches(paths, batch_size)
+        results = (work(det, (i + 1, items)) for i, items in zip(starts, loaded, strict=True))
     index = 0
     with _progress(not quiet and len(paths) > 1) as progress:
-        for batch in iter_batches(paths, batch_size):
-            try:
-                records = inspect_loaded(
-                    det,
-                    batch,
-                    [str(item.path) for item in batch],
-                    mm_per_pixel=mm_per_pixel,
-                    rules=rules,
-                    maps_out=maps_out,
-                    numbers=range(index + 1, index + len(batch) + 1),
-                    score=lambda images: _score_images(det, images, tiling),
-                )
-            except DefectkitError as e:  # e.g. model/backbone mismatch: nothing will work
-                raise _fail(str(e)) from None
-            index += len(batch)
-            for item, record in zip(batch, records, strict=True):
-                n_failed += item.image is None
-                emit(record)
-            if progress is not None:
-                progress("inspect", index, len(paths))
+        try:
+            for records in results:
+                index += len(records)
+                for record in records:
+                    n_failed += record["error"] is not None
+                    emit(record)
+                if progress is not None:
+                    progress("inspect", index, len(paths))
+        except DefectkitError as e:  # e.g. model/backbone mismatch: nothing will work
+            raise _fail(str(e)) from None
+    if pool is not None and pool.failure:
+        err.print(f"[yellow]{_shown(pool.failure)}; its images were inspected here[/]")
     if fmt == "table":
         columns = ["path", "score", "verdict", "severity", "regions", "error"]
         if types is not None:
@@ -777,6 +847,41 @@ def inspect(
     if n_failed:
         err.print(f"[yellow]{n_failed} file(s) could not be inspected[/]")
         raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _inspect_batch(
+    det: Any,
+    batch: tuple[int, Sequence[Any]],
+    *,
+    mm_per_pixel: float | None,
+    rules: Any,
+    maps_out: Path | None,
+    tiling: Any,
+) -> list[dict[str, Any]]:
+    """Records of one batch: ``(number of its first image, its paths or loaded
+    items)``; paths are decoded here (in a worker process, for instance)."""
+    from defectkit.data.batches import Loaded, load_item
+    from defectkit.decide.records import inspect_loaded
+
+    first, items = batch
+    loaded = [it if isinstance(it, Loaded) else load_item(it) for it in items]
+    return inspect_loaded(
+        det,
+        loaded,
+        [str(it.path) for it in loaded],
+        mm_per_pixel=mm_per_pixel,
+        rules=rules,
+        maps_out=maps_out,
+        numbers=range(first, first + len(loaded)),
+        score=lambda images: _score_images(det, images, tiling),
+    )
+
+
+def _worker_model(model: Path, runtime: str, precision: str) -> Any:
+    """``_load_any_model`` in an inspect worker process, silent: this process has
+    loaded the same model and reported any problem with it."""
+    err.quiet = True
+    return _load_any_model(model, runtime, precision)
 
 
 def _inspect_ray(

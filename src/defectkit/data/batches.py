@@ -22,7 +22,8 @@ class Loaded:
     error: str | None
 
 
-def _load(path: Path, max_pixels: int) -> Loaded:
+def load_item(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded:
+    """One file as ``Loaded``: its image, or why it could not be decoded."""
     try:
         return Loaded(path, load_image(path, max_pixels=max_pixels), None)
     except ImageError as e:
@@ -47,7 +48,7 @@ def iter_batches(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
         def submit(batch: list[Path]):
-            return [pool.submit(_load, p, max_pixels) for p in batch]
+            return [pool.submit(load_item, p, max_pixels) for p in batch]
 
         pending = submit(batches[0])
         for i in range(len(batches)):
