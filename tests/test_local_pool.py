@@ -17,6 +17,7 @@ from defectkit.cli import _inspect_batch as _real_inspect_batch
 from defectkit.cli import _worker_model as _real_worker_model
 from defectkit.cli import app
 from defectkit.errors import DefectkitError
+from defectkit.report.collect import score_batch as _real_score_batch
 from defectkit.scale.local_pool import (
     MIN_IMAGES_FOR_WORKERS,
     WorkerPool,
@@ -192,3 +193,37 @@ def test_inspect_with_worker_processes_writes_what_one_process_writes(
             assert b["score"] == pytest.approx(a["score"], rel=1e-5)
             assert a["is_defect"] == b["is_defect"]
             assert Path(a["overlay"]).name == Path(b["overlay"]).name
+
+
+def _score_batch_noted(det, batch):
+    """``score_samples``' batch work; in the test process it waits for the worker."""
+    where = Path(os.environ["DK_TEST_DIR"])
+    if os.getpid() == int(os.environ["DK_TEST_PARENT"]):
+        _wait_for(where / "worker-loaded")
+        time.sleep(0.2)
+    else:
+        (where / f"worker-scored-{Path(batch[0]).name}").write_text("")
+    return _real_score_batch(det, batch)
+
+
+def test_evaluate_with_worker_processes_gives_the_same_metrics(
+    fitted: Path, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import defectkit.cli as cli
+    import defectkit.report.collect as collect
+
+    def run(jobs: int) -> dict:
+        res = runner.invoke(app, ["evaluate", str(fitted), str(demo_root), "--format", "json",
+                                  "-q", "--jobs", str(jobs), "--batch-size", "2"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    one = run(1)
+    monkeypatch.setenv("DK_TEST_DIR", str(tmp_path))
+    monkeypatch.setenv("DK_TEST_PARENT", str(os.getpid()))
+    monkeypatch.setattr(cli, "_worker_model", _worker_model_flagged)
+    monkeypatch.setattr(collect, "score_batch", _score_batch_noted)
+    two = run(2)
+    assert list(tmp_path.glob("worker-scored-*")), "the worker process scored nothing"
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "n_good", "n_defect"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key

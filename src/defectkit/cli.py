@@ -662,14 +662,7 @@ def inspect(
         int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
     ] = None,
     tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
-    jobs: Annotated[
-        int,
-        typer.Option(
-            help="local processes, one torch thread each (0: one per CPU core from "
-            f"{MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, all cores)",
-            min=0,
-        ),
-    ] = 0,
+    jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
 ) -> None:
     """Score images; one JSON object per image on stdout (exit 1 if any file failed).
 
@@ -701,13 +694,9 @@ def inspect(
         with ExitStack() as stack:
             # workers start now, so their start-up overlaps this process's own
             paths, problems = list_images(inputs, report_empty=True)
-            n_batches = -(-len(paths) // batch_size)
-            n_jobs = min(jobs or auto_jobs(len(paths)), max(1, n_batches))
-            pool = None
-            if n_jobs > 1:
-                load = partial(_worker_model, model, runtime, precision)
-                pool = stack.enter_context(WorkerPool(n_jobs - 1, load))
-                stack.enter_context(single_threaded())  # imports torch: after the spawn
+            pool = stack.enter_context(
+                _worker_pool(model, runtime, precision, len(paths), jobs, batch_size)
+            )
             det = _load_any_model(model, runtime, precision)
             if pool is not None and not hasattr(det, "set_precision"):
                 stack.close()  # a classifier alone: this process, all its threads
@@ -748,6 +737,29 @@ def inspect(
         data_dir=data_dir,
         precision=precision,
     )
+
+
+@contextmanager
+def _worker_pool(
+    model: Path, runtime: str, precision: str, n_images: int, jobs: int, batch_size: int = 16
+) -> Iterator[Any]:
+    """Worker processes for scoring ``n_images`` (None when one process is better),
+    with this process's torch and faiss on one thread meanwhile. Enter it before
+    this process loads the model: the workers' start-up then overlaps its own."""
+    n_batches = -(-n_images // batch_size)
+    n_jobs = min(jobs or auto_jobs(n_images), max(1, n_batches))
+    if n_jobs <= 1:
+        yield None
+        return
+    load = partial(_worker_model, model, runtime, precision)
+    with WorkerPool(n_jobs - 1, load) as pool, single_threaded():  # torch after the spawn
+        yield pool
+
+
+JOBS_HELP = (
+    "local processes, one torch thread each (0: one per CPU core from "
+    f"{MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, all cores)"
+)
 
 
 def _inspect_local(
@@ -1095,15 +1107,18 @@ def _inspect_classifier(clf: Any, inputs: list[Path], fmt: str, batch_size: int,
 
 
 def run_evaluation(
-    det: Any, data: Path, progress: Any = None
+    det: Any, data: Path, progress: Any = None, pool: Any = None, batch_size: int = 16
 ) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
-    """Score an MVTec-layout test set; metrics plus the files that failed."""
+    """Score an MVTec-layout test set (some batches in ``pool``'s worker processes
+    when given); metrics plus the files that failed."""
     from defectkit.data.datasets import read_mvtec
     from defectkit.metrics import evaluate as evaluate_metrics
     from defectkit.report.collect import score_samples
 
     ds = read_mvtec(data)
-    scored = score_samples(det, ds.test, progress, stage="evaluate")
+    scored = score_samples(
+        det, ds.test, progress, batch_size=batch_size, stage="evaluate", pool=pool
+    )
     threshold = det.threshold.value if det.threshold else None
     metrics = evaluate_metrics(
         scored.label_array,
@@ -1128,6 +1143,8 @@ def evaluate(
     ] = None,
     runtime: Annotated[str, typer.Option(help=RUNTIME_HELP)] = "auto",
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
+    jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
+    batch_size: Annotated[int, typer.Option(help="images scored together", min=1)] = 16,
 ) -> None:
     """Image and pixel metrics of a model on a labelled test set.
 
@@ -1137,28 +1154,22 @@ def evaluate(
     precision and recall, confusion matrix (rows: true class, columns: predicted).
     """
     from defectkit.classify.classifier import DefectClassifier
+    from defectkit.data.datasets import list_images
 
     if fmt not in ("json", "table"):
         raise _fail(f"--format must be json or table, got {fmt!r}")
     manifest = _resolve_manifest(manifest, data)
-    det = _load_any_model(model, runtime, precision)
-    if isinstance(det, DefectClassifier):
-        _evaluate_classifier(det, data, manifest, fmt, quiet)
-        return
-    t0 = time.perf_counter()
-    try:
-        with _progress(not quiet) as progress:
-            metrics, errors = run_evaluation(det, data, progress)
-            if det.classifier is not None:
-                report, _, type_errors = _classifier_figures(
-                    det.classifier, data, manifest, progress
-                )
-                metrics["defect_types"] = report
-                errors = errors + type_errors
-    except DefectkitError as e:
-        raise _fail(str(e)) from None
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    metrics["n_failed_files"] = len(errors)
+    with ExitStack() as stack:
+        n_test = len(list_images([data / "test"])[0]) if (data / "test").is_dir() else 0
+        pool = stack.enter_context(
+            _worker_pool(model, runtime, precision, n_test, jobs, batch_size)
+        )
+        det = _load_any_model(model, runtime, precision)
+        if isinstance(det, DefectClassifier):
+            stack.close()  # a classifier: this process, all its threads
+            _evaluate_classifier(det, data, manifest, fmt, quiet)
+            return
+        metrics, errors = _evaluate_detector(det, data, manifest, quiet, pool, batch_size)
     if not (metrics["n_good"] and metrics["n_defect"]):
         missing = "defective" if metrics["n_good"] else "good"
         err.print(
@@ -1178,6 +1189,28 @@ def evaluate(
             _print_classification(metrics["defect_types"], f"defect types on {data}")
     if errors:
         raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _evaluate_detector(
+    det: Any, data: Path, manifest: Path | None, quiet: bool, pool: Any, batch_size: int
+) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """``evaluate``'s metrics of a detector (and its defect-type classifier), with
+    the files that failed."""
+    t0 = time.perf_counter()
+    try:
+        with _progress(not quiet) as progress:
+            metrics, errors = run_evaluation(det, data, progress, pool, batch_size)
+            if det.classifier is not None:
+                report, _, type_errors = _classifier_figures(
+                    det.classifier, data, manifest, progress
+                )
+                metrics["defect_types"] = report
+                errors = errors + type_errors
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    metrics["n_failed_files"] = len(errors)
+    return metrics, errors
 
 
 def _classifier_figures(
@@ -1483,6 +1516,7 @@ def report(
     mm_per_pixel: Annotated[float | None, typer.Option(help=MM_PER_PIXEL_HELP)] = None,
     severity_rules: Annotated[Path | None, typer.Option(help=SEVERITY_RULES_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
 ) -> None:
     """Write a self-contained HTML report of a labelled test set.
 
@@ -1496,12 +1530,19 @@ def report(
     if gallery < 0:
         raise _fail(f"--gallery must be >= 0, got {gallery}")
     rules = _decision_options(mm_per_pixel, severity_rules)
-    det = _load_detector(model)
-    t0 = time.perf_counter()
     try:
         samples = labelled_samples(data)
-        with _progress(not quiet) as progress:
-            scored = score_samples(det, samples, progress, stage="report")
+    except DefectkitError as e:
+        raise _fail(str(e)) from None
+    with _worker_pool(model, "torch", "float32", len(samples), jobs) as pool:
+        det = _load_detector(model)
+        t0 = time.perf_counter()
+        try:
+            with _progress(not quiet) as progress:
+                scored = score_samples(det, samples, progress, stage="report", pool=pool)
+        except DefectkitError as e:
+            raise _fail(str(e)) from None
+    try:
         page, summary = build_report(
             det,
             scored,

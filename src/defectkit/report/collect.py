@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,7 +17,10 @@ from defectkit.data.datasets import Sample, is_mvtec, list_images, read_mvtec
 from defectkit.errors import DatasetError, DefectkitError
 from defectkit.methods.base import Progress
 
-__all__ = ["ScoredSet", "labelled_samples", "score_samples"]
+if TYPE_CHECKING:
+    from defectkit.scale.local_pool import WorkerPool
+
+__all__ = ["ScoredImage", "ScoredSet", "labelled_samples", "score_batch", "score_samples"]
 
 
 def labelled_samples(data: str | os.PathLike[str]) -> list[Sample]:
@@ -73,6 +78,36 @@ class ScoredSet:
         return np.asarray(self.scores, dtype=np.float64)
 
 
+@dataclass
+class ScoredImage:
+    """One file scored (or why it could not be): what ``score_batch`` gives back."""
+
+    path: Path
+    error: str | None = None
+    score: float = float("nan")
+    map: np.ndarray | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    shape: tuple[int, int] = (0, 0)
+
+
+def score_batch(det: Any, batch: Sequence[Any]) -> list[ScoredImage]:
+    """Score a batch of paths (decoded here, e.g. in a worker process) or of
+    already loaded items, in order."""
+    from defectkit.data.batches import Loaded, load_item
+
+    items = [b if isinstance(b, Loaded) else load_item(b) for b in batch]
+    out = [ScoredImage(b.path, b.error or "unreadable") for b in items]
+    good = [k for k, b in enumerate(items) if b.image is not None]
+    if good:
+        res = det.score([items[k].image for k in good])
+        extras = res.extras or [{} for _ in good]
+        for k, s, m, ex in zip(good, res.scores, res.maps, extras, strict=True):
+            image = items[k].image
+            assert image is not None
+            out[k] = ScoredImage(items[k].path, None, float(s), m, ex, image.shape[:2])
+    return out
+
+
 def score_samples(
     det: Any,
     samples: list[Sample],
@@ -81,40 +116,48 @@ def score_samples(
     batch_size: int = 16,
     keep_maps: bool = True,
     stage: str = "score",
+    pool: WorkerPool | None = None,
 ) -> ScoredSet:
     """Score every sample once with ``det`` (a Detector); load its mask when it has
-    one. With ``keep_maps=False`` maps and masks are not kept (scores only)."""
+    one. With ``keep_maps=False`` maps and masks are not kept (scores only). With
+    ``pool``, its worker processes (each holding the same model) score some batches."""
     from defectkit.data.batches import iter_batches
     from defectkit.data.images import load_mask
+    from defectkit.scale.local_pool import ordered_batches
 
     t0 = time.perf_counter()
     out = ScoredSet()
     by_path = {s.path: s for s in samples}
+    paths = [s.path for s in samples]
+    if pool is not None:
+        chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        results = ordered_batches(chunks, partial(score_batch, det), pool, score_batch)
+    else:  # decoding the next batch in background threads while this one scores
+        results = (score_batch(det, b) for b in iter_batches(paths, batch_size))
     done = 0
-    for batch in iter_batches([s.path for s in samples], batch_size):
-        good = [b for b in batch if b.image is not None]
-        out.errors.extend((b.path, b.error or "unreadable") for b in batch if b.image is None)
-        if good:
-            res = det.score([b.image for b in good])
-            extras = res.extras or [{} for _ in good]
-            for b, s, m, ex in zip(good, res.scores, res.maps, extras, strict=True):
-                sample = by_path[b.path]
-                try:
-                    if sample.mask_path is not None:
-                        mask = load_mask(sample.mask_path, b.image.shape[:2])
-                    else:
-                        mask = np.zeros(b.image.shape[:2], dtype=bool)
-                except DefectkitError as e:
-                    out.errors.append((sample.mask_path or b.path, str(e)))
-                    continue
-                out.paths.append(b.path)
-                out.labels.append(int(sample.label))
-                out.types.append(sample.defect_type)
-                out.scores.append(float(s))
-                out.extras.append(ex)
-                if keep_maps:
-                    out.maps.append(m)
-                    out.masks.append(mask)
+    for batch in results:
+        for r in batch:
+            if r.error is not None:
+                out.errors.append((r.path, r.error))
+                continue
+            sample = by_path[r.path]
+            try:
+                if sample.mask_path is not None:
+                    mask = load_mask(sample.mask_path, r.shape)
+                else:
+                    mask = np.zeros(r.shape, dtype=bool)
+            except DefectkitError as e:
+                out.errors.append((sample.mask_path or r.path, str(e)))
+                continue
+            out.paths.append(r.path)
+            out.labels.append(int(sample.label))
+            out.types.append(sample.defect_type)
+            out.scores.append(r.score)
+            out.extras.append(r.extras)
+            if keep_maps:
+                assert r.map is not None
+                out.maps.append(r.map)
+                out.masks.append(mask)
         done += len(batch)
         if progress is not None:
             progress(stage, done, len(samples))
