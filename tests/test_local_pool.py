@@ -227,3 +227,41 @@ def test_evaluate_with_worker_processes_gives_the_same_metrics(
     assert list(tmp_path.glob("worker-scored-*")), "the worker process scored nothing"
     for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "n_good", "n_defect"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
+
+
+_ORPHAN_SCRIPT = """
+import operator, os, time
+from defectkit.scale.local_pool import WorkerPool
+if __name__ == "__main__":
+    pool = WorkerPool(1, os.getpid)
+    print(pool.submit(operator.add, 0).result(timeout=120), flush=True)  # the worker's pid
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited (nobody has reaped it yet)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_workers_end_when_their_parent_is_killed() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE)
+    try:
+        worker = int(parent.stdout.readline())
+        assert _running(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _running(worker):
+            assert time.monotonic() < deadline, f"worker {worker} outlived its killed parent"
+            time.sleep(0.1)
+    finally:
+        parent.kill()

@@ -22,7 +22,9 @@ or dies only costs speed: this process does its batches itself.
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -89,7 +91,22 @@ class WorkerSetupError(RuntimeError):
     """A worker process could not run its setup (load the model)."""
 
 
+def _exit_with_parent() -> None:
+    """End this worker when its parent process ends, even by SIGKILL (it would
+    otherwise wait for work forever, holding its model in memory)."""
+    parent = mp.parent_process()
+    if parent is None:  # pragma: no cover - workers are always spawned children
+        return
+
+    def watch() -> None:
+        mp.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="defectkit-parent-watch", daemon=True).start()
+
+
 def _worker_setup(setup: Callable[[], Any]) -> None:
+    _exit_with_parent()
     # a failure is kept and told to the parent, not printed as a traceback
     try:
         import torch
