@@ -1402,6 +1402,7 @@ def calibrate(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
 ) -> None:
     """Re-choose the threshold on labelled images; no refit, arrays unchanged.
 
@@ -1413,34 +1414,20 @@ def calibrate(
         threshold_for_false_alarm_rate,
         threshold_for_miss_rate,
     )
-    from defectkit.report.collect import labelled_samples, score_samples
+    from defectkit.report.collect import labelled_samples
 
     rule, value = _parse_target(target)
     if max_false_regions is not None and not (
         max_false_regions >= 0 and math.isfinite(max_false_regions)
     ):
         raise _fail(f"--max-false-regions must be >= 0, got {max_false_regions}")
-    det = _load_detector(model)
     try:
         samples = labelled_samples(data)
     except DefectkitError as e:
         raise _fail(str(e)) from None
-    n_good = sum(1 for x in samples if x.label == 0)
-    n_defect = len(samples) - n_good
-    if rule in ("miss-rate", "f1") and n_defect == 0:
-        raise _fail(
-            f"--target {rule} needs labelled defective images, but {data} has only "
-            f"{n_good} good images; use --target false-alarm-rate=R (never collapses)"
-        )
-    if rule in ("false-alarm-rate", "f1") and n_good == 0:
-        raise _fail(f"--target {rule} needs good images, but {data} has none")
-    with _progress(not quiet) as progress:
-        try:
-            scored = score_samples(
-                det, samples, progress, keep_maps=max_false_regions is not None, stage="calibrate"
-            )
-        except DefectkitError as e:
-            raise _fail(str(e)) from None
+    with _worker_pool(model, "torch", "float32", len(samples), jobs) as pool:
+        det = _load_detector(model)
+        scored = _score_for_calibration(det, samples, data, rule, max_false_regions, quiet, pool)
     for p, problem in scored.errors:
         err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     y = scored.label_array
@@ -1502,6 +1489,37 @@ def calibrate(
     )
     if scored.errors:
         raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _score_for_calibration(
+    det: Any,
+    samples: list[Any],
+    data: Path,
+    rule: str,
+    max_false_regions: float | None,
+    quiet: bool,
+    pool: Any,
+) -> Any:
+    """``calibrate``'s scores of ``samples``, once they are known to suit ``rule``."""
+    from defectkit.report.collect import score_samples
+
+    n_good = sum(1 for x in samples if x.label == 0)
+    n_defect = len(samples) - n_good
+    if rule in ("miss-rate", "f1") and n_defect == 0:
+        raise _fail(
+            f"--target {rule} needs labelled defective images, but {data} has only "
+            f"{n_good} good images; use --target false-alarm-rate=R (never collapses)"
+        )
+    if rule in ("false-alarm-rate", "f1") and n_good == 0:
+        raise _fail(f"--target {rule} needs good images, but {data} has none")
+    keep_maps = max_false_regions is not None
+    with _progress(not quiet) as progress:
+        try:
+            return score_samples(
+                det, samples, progress, keep_maps=keep_maps, stage="calibrate", pool=pool
+            )
+        except DefectkitError as e:
+            raise _fail(str(e)) from None
 
 
 @app.command()
