@@ -139,7 +139,9 @@ class WorkerPool:
 
     ``setup`` and ``work`` must be picklable (module-level functions, or
     ``functools.partial`` of them). Processes are spawned, not forked: torch's
-    OpenMP threads do not survive a fork.
+    OpenMP threads do not survive a fork. As with any spawned process, a script
+    that starts a pool must keep its top-level work under
+    ``if __name__ == "__main__":`` (the ``defectkit`` command does).
     """
 
     def __init__(self, workers: int, setup: Callable[[], Any]) -> None:
