@@ -19,8 +19,10 @@ from defectkit.cli import app
 from defectkit.errors import DefectkitError
 from defectkit.report.collect import score_batch as _real_score_batch
 from defectkit.scale.local_pool import (
+    MAX_AUTO_JOBS,
     MIN_IMAGES_FOR_WORKERS,
     WorkerPool,
+    _cgroup_cpu_quota,
     auto_jobs,
     ordered_batches,
     single_threaded,
@@ -124,6 +126,27 @@ def test_auto_jobs_uses_every_core_only_for_long_lists() -> None:
     assert auto_jobs(MIN_IMAGES_FOR_WORKERS - 1, cores=4) == 1
     assert auto_jobs(MIN_IMAGES_FOR_WORKERS, cores=4) == 4
     assert auto_jobs(10_000, cores=1) == 1
+    assert auto_jobs(10_000, cores=64) == MAX_AUTO_JOBS  # each process holds a model
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2, 2 CPUs
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no quota
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files
+    ],
+)
+def test_cgroup_cpu_quota_is_read_from_v1_and_v2(
+    tmp_path: Path, files: dict[str, str], expected: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_cpu_quota(tmp_path) == expected
 
 
 def test_single_threaded_restores_the_thread_count() -> None:
@@ -265,3 +288,11 @@ def test_workers_end_when_their_parent_is_killed() -> None:
             time.sleep(0.1)
     finally:
         parent.kill()
+
+
+def test_jobs_is_refused_for_a_ray_job(fitted: Path, demo_root: Path) -> None:
+    res = runner.invoke(
+        app, ["inspect", str(fitted), str(demo_root / "test"), "--engine", "ray", "--jobs", "2"]
+    )
+    assert res.exit_code == 2
+    assert "--jobs is for --engine local" in res.output

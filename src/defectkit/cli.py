@@ -31,6 +31,7 @@ from defectkit import __version__
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
 from defectkit.errors import ConfigError, DefectkitError
 from defectkit.scale.local_pool import (
+    MAX_AUTO_JOBS,
     MIN_IMAGES_FOR_WORKERS,
     WorkerPool,
     auto_jobs,
@@ -687,6 +688,8 @@ def inspect(
         raise _fail(f"--engine must be local or ray, got {engine!r}")
     if engine == "local" and (parquet is not None or db is not None):
         raise _fail("--parquet and --db need --engine ray")
+    if engine == "ray" and jobs > 1:
+        raise _fail("--jobs is for --engine local; a Ray job takes --workers")
     tiling = _tiling_options(tile, tile_overlap, tile_blend)
     if engine == "ray" and (tiling is not None or runtime == "onnx" or model.is_dir()):
         raise _fail("--tile and ONNX bundles (--runtime onnx) need --engine local")
@@ -757,8 +760,9 @@ def _worker_pool(
 
 
 JOBS_HELP = (
-    "local processes, one torch thread each (0: one per CPU core from "
-    f"{MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, all cores)"
+    "local processes, one torch thread each (0: one per CPU core, at most "
+    f"{MAX_AUTO_JOBS}, from {MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, "
+    "all cores)"
 )
 
 

@@ -21,6 +21,7 @@ or dies only costs speed: this process does its batches itself.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from defectkit.errors import DefectkitError
@@ -45,18 +47,46 @@ MIN_IMAGES_FOR_WORKERS = 128
 _state: dict[str, Any] = {}
 
 
+#: At most this many processes unless ``--jobs`` asks for more: each holds its
+#: own model and torch (about 0.45 GB for the default PatchCore).
+MAX_AUTO_JOBS = 8
+
+
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU
+    quota (a container limited to 2 CPUs on a 64-core host has 2)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max``, or v1 CFS quota), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000"
+    except (OSError, ValueError):
+        try:  # v1
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        q, p = float(quota), float(period)
+    except ValueError:  # "max": no quota
+        return None
+    return q / p if q > 0 and p > 0 else None
 
 
 def auto_jobs(n_images: int, cores: int | None = None) -> int:
-    """Processes for inspecting ``n_images``: one per usable core for long lists."""
+    """Processes for inspecting ``n_images``: one per usable core for long lists
+    (at most ``MAX_AUTO_JOBS``)."""
     cores = usable_cores() if cores is None else cores
-    return cores if n_images >= MIN_IMAGES_FOR_WORKERS else 1
+    return min(cores, MAX_AUTO_JOBS) if n_images >= MIN_IMAGES_FOR_WORKERS else 1
 
 
 @contextmanager
