@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import save as st_save
 from safetensors.torch import save as st_torch_save
 
-from defectkit import model_file
+from defectkit import atomic, model_file
 from defectkit.errors import ModelFileError
 from defectkit.model_file import FORMAT, FORMAT_VERSION, ModelFile, read_model, write_model
 
@@ -152,9 +152,9 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, w
         raise OSError(28, "No space left on device")
 
     if where == "replace":
-        monkeypatch.setattr(model_file.os, "replace", boom)
+        monkeypatch.setattr(atomic.os, "replace", boom)
     elif where == "fsync":
-        monkeypatch.setattr(model_file.os, "fsync", boom)
+        monkeypatch.setattr(atomic.os, "fsync", boom)
     else:  # the write itself fails midway: half the bytes reach the temp file
         real_fdopen = os.fdopen
 
@@ -169,7 +169,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, w
             f.write = write
             return f
 
-        monkeypatch.setattr(model_file.os, "fdopen", half_fdopen)
+        monkeypatch.setattr(atomic.os, "fdopen", half_fdopen)
 
     other = ModelFile(info={"method": "other"}, arrays={"x": np.ones(3)})
     with pytest.raises(OSError, match="No space"):
@@ -183,7 +183,7 @@ def test_interrupted_write_leaves_no_temp(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_file.os, "replace", interrupt)
+    monkeypatch.setattr(atomic.os, "replace", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_model(tmp_path / "m.dkm", sample_model())
     assert list(tmp_path.iterdir()) == []
@@ -305,7 +305,7 @@ def test_torch_save_files_refused(tmp_path):
 def test_header_length_looking_like_pickle_is_still_read(tmp_path, monkeypatch, target):
     # Regression: header lengths 384 (b"\x80\x01...") and 19280 (b"PK...") were
     # taken for pickle/zip signatures, refusing valid model files.
-    monkeypatch.setattr(model_file.os, "fsync", lambda fd: None)  # speed only
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: None)  # speed only
     path = tmp_path / "m.dkm"
     base = header_end(write_model(path, ModelFile(info={"pad": ""})).read_bytes()) - 8
     for pad in range(max(0, target - base - 16), target - base + 16):

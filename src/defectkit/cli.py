@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defectkit import __version__
+from defectkit.atomic import write_text
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
 from defectkit.errors import ConfigError, DefectkitError
 from defectkit.scale.local_pool import (
@@ -1576,7 +1577,7 @@ def report(
         )
     except DefectkitError as e:
         raise _fail(str(e)) from None
-    _write_text_atomic(out_path, page)
+    write_text(out_path, page)
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     summary["report"] = str(out_path)
     for p, problem in scored.errors:
@@ -1590,19 +1591,6 @@ def report(
         err.print(f"report written to {out_path} in {summary['seconds']['total']:.1f} s")
     if scored.errors:
         raise typer.Exit(EXIT_FILES_FAILED)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    import secrets
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _report_table(s: dict[str, Any], title: str) -> Table:

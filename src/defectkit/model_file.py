@@ -10,11 +10,8 @@ folder, fsync, then ``os.replace``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from defectkit import __version__
+from defectkit.atomic import write_bytes
 from defectkit.errors import ModelFileError
 
 FORMAT = "defectkit-model"
@@ -79,28 +77,7 @@ def write_model(path: str | Path, model: ModelFile) -> Path:
         data = st_save(arrays, metadata=meta)
     except SafetensorError as e:
         raise ModelFileError(f"arrays cannot be saved ({e})") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are 0600 whatever the umask, and the model
-    # file would keep that mode, unreadable to an inspection service run as
-    # another user. os.open with 0o666 leaves the mode to the umask.
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    write_bytes(path, data)
     return path
 
 

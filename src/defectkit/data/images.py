@@ -28,13 +28,13 @@ import errno
 import io
 import os
 import stat
-import uuid
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from defectkit.atomic import temp_sibling
 from defectkit.errors import ImageError
 
 __all__ = [
@@ -117,9 +117,9 @@ def save_png(path: str | os.PathLike[str], array: np.ndarray, *, compress_level:
     """
     target = Path(path)
     img = _array_to_pil(np.asarray(array))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is a rename on one file system.
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # same folder, so os.replace is a rename on one file system; no sweep for
+    # leftovers: overlays are many small files in one folder
+    tmp = temp_sibling(target, sweep=False)
     try:
         with open(tmp, "xb") as fp:
             img.save(fp, format="PNG", compress_level=compress_level)

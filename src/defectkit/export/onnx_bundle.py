@@ -26,7 +26,6 @@ temporary folder next to ``DIR`` and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from defectkit import __version__
+from defectkit.atomic import fsync_folder, temp_sibling
 from defectkit.errors import ConfigError, ModelFileError
 
 if TYPE_CHECKING:
@@ -167,8 +167,7 @@ def export_onnx(det: Detector, out: str | Path, *, overwrite: bool = True) -> Pa
             raise ExportError(f"{out}: a non-empty folder that is not a bundle; choose another")
         if is_bundle(out) and not overwrite:
             raise ExportError(f"{out}: a bundle already exists there")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
+    tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         runtime = _export_extractor(det, tmp / EXTRACTOR_FILE)
@@ -208,12 +207,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    fsync_folder(out.parent)
 
 
 def _graph_tensors(graph: Any) -> Iterator[Any]:
