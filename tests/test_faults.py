@@ -22,11 +22,11 @@ from serve_util import demo_test_images
 from sqlalchemy import event
 from typer.testing import CliRunner
 
-from defectkit import cli, model_file
+from defectkit import atomic, cli
 from defectkit.data.images import load_image
 from defectkit.detector import Detector
 from defectkit.errors import ModelFileError
-from defectkit.model_file import read_model
+from defectkit.model_file import read_model, write_model
 from defectkit.serve.app import create_app
 from defectkit.serve.spc import SpcMonitor
 from defectkit.serve.store import ResultStore
@@ -64,7 +64,7 @@ def _half_writes(monkeypatch: pytest.MonkeyPatch) -> None:
         f.write = write
         return f
 
-    monkeypatch.setattr(model_file.os, "fdopen", fdopen)
+    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
 
 
 def test_disk_full_while_saving_keeps_the_old_model(
@@ -103,7 +103,7 @@ def test_disk_full_while_recalibrating_keeps_the_model(
 _STALL_IN_WRITE = textwrap.dedent(
     """
     import os, sys, time
-    from defectkit import cli, model_file
+    from defectkit import atomic, cli
     real_fdopen = os.fdopen
     def fdopen(fd, mode="r", *args, **kwargs):
         f = real_fdopen(fd, mode, *args, **kwargs)
@@ -115,7 +115,7 @@ _STALL_IN_WRITE = textwrap.dedent(
             time.sleep(600)
         f.write = write
         return f
-    model_file.os.fdopen = fdopen
+    atomic.os.fdopen = fdopen
     sys.argv = ["defectkit", *sys.argv[1:]]
     cli.app()
     """
@@ -159,6 +159,12 @@ def test_sigkill_during_fit_leaves_no_half_written_model(
         assert 0 < p.stat().st_size < len(old_model)
         with pytest.raises(ModelFileError):
             read_model(p)
+    # an hour on, the next write of the model removes them
+    then = time.time() - atomic.STALE_SECONDS - 60
+    for p in leftovers:
+        os.utime(p, (then, then))
+    write_model(path, read_model(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.dkm"]
 
 
 # -- the results database goes away ---------------------------------------------------------
