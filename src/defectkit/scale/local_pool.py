@@ -44,9 +44,6 @@ B = TypeVar("B")
 #: against 8.5-9.2 s.
 MIN_IMAGES_FOR_WORKERS = 128
 
-_state: dict[str, Any] = {}
-
-
 #: At most this many processes unless ``--jobs`` asks for more: each holds its
 #: own model and torch (about 0.45 GB for the default PatchCore).
 MAX_AUTO_JOBS = 8
@@ -117,6 +114,10 @@ def _faiss_threads(n: int | None) -> int | None:
     return before
 
 
+#: In a worker process: its model, or the reason its setup failed.
+_state: dict[str, Any] = {}
+
+
 class WorkerSetupError(RuntimeError):
     """A worker process could not run its setup (load the model)."""
 
@@ -148,19 +149,19 @@ def _worker_setup(setup: Callable[[], Any]) -> None:
         _state["error"] = _describe(e)
 
 
-def _worker_model() -> Any:
+def _loaded_model() -> Any:
     if "error" in _state:
         raise WorkerSetupError(_state["error"])
     return _state["model"]
 
 
 def _worker_ready() -> int:
-    _worker_model()
+    _loaded_model()
     return os.getpid()
 
 
 def _worker_run(work: Callable[[Any, B], T], batch: B) -> T:
-    return work(_worker_model(), batch)
+    return work(_loaded_model(), batch)
 
 
 class WorkerPool:
