@@ -629,6 +629,11 @@ PRECISION_HELP = (
     "BENCHMARKS.md)"
 )
 TILE_HELP = "score large images in tiles of this many px (model fitted on such tiles)"
+JOBS_HELP = (
+    "local processes, one torch thread each (0: one per CPU core, at most "
+    f"{MAX_AUTO_JOBS}, from {MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, "
+    "all cores)"
+)
 
 
 @app.command()
@@ -758,13 +763,6 @@ def _worker_pool(
     load = partial(_worker_model, model, runtime, precision)
     with WorkerPool(n_jobs - 1, load) as pool, single_threaded():  # torch after the spawn
         yield pool
-
-
-JOBS_HELP = (
-    "local processes, one torch thread each (0: one per CPU core, at most "
-    f"{MAX_AUTO_JOBS}, from {MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, "
-    "all cores)"
-)
 
 
 def _inspect_local(
