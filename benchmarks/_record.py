@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from defectkit.atomic import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -92,7 +94,16 @@ def record(section: str, body: str) -> None:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    BENCHMARKS_MD.write_text(text)
+    write_text(BENCHMARKS_MD, text)
+
+
+def publish(section: str, lines: list[str], *, record_it: bool = True) -> str:
+    """Print a benchmark's block and, with ``record_it``, record it in BENCHMARKS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if record_it:
+        record(section, text)
+    return text
 
 
 def model_arguments(ap: argparse.ArgumentParser) -> None:

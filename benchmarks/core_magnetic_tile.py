@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _record import SHARED_DATA, git_commit, machine, record, run_cli
+from _record import SHARED_DATA, git_commit, machine, publish, run_cli
 
 TARGETS = {"image_auroc": 0.96, "pixel_auroc": 0.90, "aupro": 0.80}
 
@@ -88,10 +88,7 @@ def main() -> None:
         f"(target false-alarm rate {thr.get('target')}): "
         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(recall.items())),
     ]
-    text = "\n".join(body)
-    print(text)
-    if not args.no_record:
-        record(f"core-{method}", text)
+    publish(f"core-{method}", body, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

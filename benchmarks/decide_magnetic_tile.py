@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _record import SHARED_DATA, git_commit, machine, record, run_cli
+from _record import SHARED_DATA, git_commit, machine, publish, run_cli
 
 
 def pct(x: float | None) -> str:
@@ -142,10 +142,7 @@ def main() -> None:
         "|---|---|---|",
         *[f"| {a} | {b} | {t} |" for a, b, t in rows],
     ]
-    text = "\n".join(body)
-    print(text)
-    if not args.no_record:
-        record(f"decide-{info['method']}", text)
+    publish(f"decide-{info['method']}", body, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

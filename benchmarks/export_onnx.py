@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _record import git_commit, machine, model_arguments, model_for, record, run_cli
+from _record import git_commit, machine, model_arguments, model_for, publish, run_cli
 
 from defectkit.data.batches import load_all
 from defectkit.data.datasets import read_mvtec
@@ -117,10 +117,7 @@ def main() -> None:
         f"{cpu['torch'] / cpu['onnx']:.2f}x, end to end "
         f"{e2e['torch'].seconds / e2e['onnx'].seconds:.2f}x (target: >= 2x)"
     )
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record(f"export-onnx-{args.method}", text)
+    publish(f"export-onnx-{args.method}", lines, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _record import SHARED_DATA, git_commit, machine, record, run_cli
+from _record import SHARED_DATA, git_commit, machine, publish, run_cli
 
 
 def generate(src: Path, out: Path, n: int, crop: int, seed: int = 0) -> None:
@@ -108,10 +108,8 @@ def main() -> None:
         f"| pool if every patch were kept | {exact_gb:.1f} GB |",
         f"| model file | {model_mb:.1f} MB |",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record("large-fit", "## Large training set (PatchCore, 10,000 images)\n\n" + text)
+    title = ["## Large training set (PatchCore, 10,000 images)", ""]
+    publish("large-fit", title + lines, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

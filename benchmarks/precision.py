@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import git_commit, machine, model_arguments, model_for, record, run_cli
+from _record import git_commit, machine, model_arguments, model_for, publish, run_cli
 
 from defectkit.backbones import bfloat16_native
 from defectkit.data.batches import load_all
@@ -124,10 +124,7 @@ def main() -> None:
         f"- speed-up bfloat16 / float32: backbone {bb['float32'] / bb['bfloat16']:.2f}x, "
         f"end to end {seconds['float32'] / seconds['bfloat16']:.2f}x"
     )
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record(f"precision-{args.method}", text)
+    publish(f"precision-{args.method}", lines, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _record import SHARED_DATA, git_commit, machine, record, run_cli
+from _record import SHARED_DATA, git_commit, machine, publish, run_cli
 
 TOKEN = "bench-token"
 TARGET_RATIO = 0.70
@@ -169,10 +169,7 @@ def main() -> None:
         f"| CLI `inspect` rate (same images, process start incl.) | {cli_rate:.2f} images/s | |",
         f"| service / CLI | {rate / cli_rate:.0%} | >= {TARGET_RATIO:.0%} |",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record("service_load", text)
+    publish("service_load", lines, record_it=not args.no_record)
     if errors or n_rows != accepted:
         sys.exit(1)
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _record import git_commit, machine, record
+from _record import git_commit, machine, publish
 
 from defectkit.data.synthetic import add_defect, make_surface
 from defectkit.detector import Detector
@@ -110,10 +110,7 @@ def main() -> None:
             f"| {name} | {best:.2f} | {med:.2f} | {cpu_s:.2f} | {off:.0f} | "
             f"{'yes' if found else 'no'} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record("tiling", text)
+    publish("tiling", lines, record_it=not args.no_record)
 
 
 if __name__ == "__main__":
