@@ -29,6 +29,7 @@ from rich.table import Table
 
 from defectkit import __version__
 from defectkit.atomic import write_text
+from defectkit.data.files import DEFAULT_IMAGE_MEMORY
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
 from defectkit.errors import ConfigError, DefectkitError
 from defectkit.scale.local_pool import (
@@ -216,6 +217,13 @@ def fit(
         int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
     ] = None,
     tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
+    image_memory: Annotated[
+        float,
+        typer.Option(
+            help="GiB of decoded good images to hold while fitting; above it each image is "
+            "read from its file whenever it is needed (slower, memory bounded)"
+        ),
+    ] = DEFAULT_IMAGE_MEMORY / 2**30,
 ) -> None:
     """Learn what good parts look like and write a model file.
 
@@ -225,6 +233,7 @@ def fit(
     from defectkit.classify.classifier import CLASSIFIER_METHOD
     from defectkit.data.batches import load_all
     from defectkit.data.datasets import fit_images, list_images
+    from defectkit.data.files import load_within
     from defectkit.detector import Detector
     from defectkit.methods import DEFAULT_METHOD, get_method
 
@@ -302,14 +311,18 @@ def fit(
                 raise _fail("--tile: not with --defects or --classify-types")
             if calibration_dir is None and calibration_fraction == 0:
                 raise _fail("--tile needs held-out good images: --calibration-fraction > 0")
+        if not (image_memory >= 0 and math.isfinite(image_memory)):
+            raise _fail(f"--image-memory must be >= 0 GiB, got {image_memory}")
     except DefectkitError as e:
         raise _fail(str(e)) from None
     t0 = time.perf_counter()
-    images, ok_paths, errors = load_all(paths)
-    cal_images: list[np.ndarray] | None = None
+    # tiles are cut from decoded images: a tiled fit holds them whatever the budget
+    budget = int(image_memory * 2**30) if tiling is None else sys.maxsize
+    images, ok_paths, errors = load_within(paths, budget)
+    cal_images: Sequence[np.ndarray] | None = None
     cal_ok: list[Path] | None = None
     if cal_paths is not None:
-        cal_images, cal_ok, cal_errors = load_all(cal_paths)
+        cal_images, cal_ok, cal_errors = load_within(cal_paths, budget)
         errors = errors + cal_errors
         if not cal_images:
             raise _fail(

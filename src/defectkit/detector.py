@@ -21,6 +21,7 @@ import numpy as np
 
 from defectkit import __version__
 from defectkit.classify.classifier import DefectClassifier, is_classifier_file
+from defectkit.data.files import ImageFiles, image_shapes, take
 from defectkit.decide.calibration import (
     PixelThreshold,
     Threshold,
@@ -39,6 +40,11 @@ from defectkit.model_file import ModelFile, read_model, write_model
 MODEL_SUFFIX = ".dkm"
 #: methods that may score with a lower-precision backbone (Detector.set_precision)
 LOW_PRECISION_METHODS = ("patchcore", "padim", "kmeans")
+
+
+def _as_sequence(images: Sequence[Image]) -> Sequence[Image]:
+    """A list of the images, or the :class:`ImageFiles` itself (not decoded here)."""
+    return images if isinstance(images, ImageFiles) else list(images)
 
 
 def split_for_calibration(
@@ -126,12 +132,11 @@ class Detector:
             raise ConfigError(f"{len(paths)} paths for {len(images)} images; give one per image")
         if calibration_images is None:
             fit_idx, cal_idx = split_for_calibration(len(images), calibration_fraction, seed)
-            fit_set = [images[i] for i in fit_idx]
-            cal_set = [images[i] for i in cal_idx]
+            fit_set, cal_set = take(images, fit_idx), take(images, cal_idx)
             fit_paths = None if paths is None else [paths[i] for i in fit_idx]
             cal_paths = None if paths is None else [paths[i] for i in cal_idx]
         else:
-            fit_set, cal_set = list(images), list(calibration_images)
+            fit_set, cal_set = _as_sequence(images), _as_sequence(calibration_images)
             fit_paths = None if paths is None else list(paths)
             cal_paths = None if calibration_paths is None else list(calibration_paths)
         if not fit_set:
@@ -178,8 +183,8 @@ class Detector:
         if fit_paths is not None:
             # in fit order: a memory-bank method's train index points into this list
             info["fit_images"] = [
-                {"path": os.path.abspath(p), "width": int(im.shape[1]), "height": int(im.shape[0])}
-                for p, im in zip(fit_paths, fit_set, strict=True)
+                {"path": os.path.abspath(p), "width": int(w), "height": int(h)}
+                for p, (h, w) in zip(fit_paths, image_shapes(fit_set), strict=True)
             ]
         if cal_paths is not None:
             info["calibration_images"] = [os.path.abspath(p) for p in cal_paths]

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from defectkit.data.files import ImageFiles
 from defectkit.errors import ConfigError, ImageError
 
 Image = np.ndarray
@@ -130,8 +131,20 @@ def loaded_array(
     return arr
 
 
-def check_images(images: Sequence[Image], *, min_count: int = 1) -> list[Image]:
-    """Validate images passed to the Python API; name the index of a bad one."""
+def check_images(images: Sequence[Image], *, min_count: int = 1) -> Sequence[Image]:
+    """Validate images passed to the Python API; name the index of a bad one.
+
+    An :class:`~defectkit.data.files.ImageFiles` stays one (its files decode to
+    uint8 RGB already); only the recorded sizes are checked, so nothing is
+    decoded here.
+    """
+    if isinstance(images, ImageFiles):
+        for i, (h, w) in enumerate(images.shapes):
+            if h < 8 or w < 8:
+                raise ImageError(str(images.paths[i]), f"image too small: {w}x{h} (min 8x8)")
+        if len(images) < min_count:
+            raise ImageError(None, f"need at least {min_count} image(s), got {len(images)}")
+        return images
     if isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object:
         images = [images]
     out: list[Image] = []

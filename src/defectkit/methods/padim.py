@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from defectkit.backbones import FeatureExtractor, default_layers, load_backbone, stage_ends
+from defectkit.data.files import image_shapes
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
 from defectkit.methods.parts.embedding import patch_embedding
@@ -248,8 +249,8 @@ class PaDiM(AnomalyModel):
             total = total + up
         patch_maps = np.sqrt(np.maximum(total, 0.0))
         maps = [
-            upsample_map(pm, img.shape[:2], self.sigma)
-            for pm, img in zip(patch_maps, images, strict=True)
+            upsample_map(pm, shape, self.sigma)
+            for pm, shape in zip(patch_maps, image_shapes(images), strict=True)
         ]
         scores = np.array([m.max() for m in maps], dtype=np.float32)
         extras = [

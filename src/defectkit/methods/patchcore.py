@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from defectkit.backbones import FeatureExtractor, default_layers, load_backbone, stage_ends
+from defectkit.data.files import image_shapes, take
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
 from defectkit.methods.parts.coreset import greedy_coreset
@@ -204,9 +205,7 @@ class PatchCore(AnomalyModel):
         sizes them)."""
         side, _, _ = self._scale(scale)
         multiple = max(self.extractor.strides)
-        return [
-            fit_size(img.shape[0], img.shape[1], side, multiple, self.keep_aspect) for img in images
-        ]
+        return [fit_size(h, w, side, multiple, self.keep_aspect) for h, w in image_shapes(images)]
 
     def _iter_embeddings(
         self, images: Sequence[Image], progress: Progress | None, stage: str, scale: str = "fine"
@@ -371,7 +370,7 @@ class PatchCore(AnomalyModel):
         if not (global_on or self.context_size):
             return
         step = max(1, len(images) // 100)
-        sample = [images[i] for i in range(0, len(images), step)]
+        sample = take(images, range(0, len(images), step))
         fine, context, _, _ = self._raw_maps(sample)
         if self.context_size:
             refs = []
@@ -471,12 +470,13 @@ class PatchCore(AnomalyModel):
         """Fine maps, context maps (empty without a context scale), evidence and the
         descriptors the whole-image score uses."""
         n = len(images)
+        shapes = image_shapes(images)
         fine: list[np.ndarray] = [np.empty(0)] * n
         extras: list[dict[str, Any]] = [{} for _ in range(n)]
         descriptors: list[np.ndarray] = [np.empty(0)] * n
         for i, grid, nearest, desc in self._grid_distances(images, _FINE, progress):
             h, w = grid.shape
-            fine[i] = upsample_map(grid, images[i].shape[:2], self.sigma)
+            fine[i] = upsample_map(grid, shapes[i], self.sigma)
             if desc is not None:
                 descriptors[i] = desc
             worst = int(np.argmax(grid))
@@ -494,7 +494,7 @@ class PatchCore(AnomalyModel):
         if self.context_size:
             context = [np.empty(0)] * n
             for i, grid, _, desc in self._grid_distances(images, _CONTEXT, None):
-                context[i] = upsample_map(grid, images[i].shape[:2], self.sigma)
+                context[i] = upsample_map(grid, shapes[i], self.sigma)
                 assert desc is not None
                 descriptors[i] = desc
         return fine, context, extras, descriptors

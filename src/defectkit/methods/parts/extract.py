@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from defectkit.backbones import FeatureExtractor
+from defectkit.data.files import image_batches, image_shapes
 from defectkit.methods.base import Image, Progress
 from defectkit.methods.parts.resize import fit_size, to_tensor
 
@@ -35,15 +36,19 @@ def feature_batches(
     """
     multiple = max(extractor.strides) if extractor.strides else 1
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, img in enumerate(images):
-        groups[fit_size(img.shape[0], img.shape[1], side, multiple, keep_aspect)].append(i)
+    for i, (h, w) in enumerate(image_shapes(images)):
+        groups[fit_size(h, w, side, multiple, keep_aspect)].append(i)
+    batches = [
+        (size, members[start : start + batch_size])
+        for size, members in groups.items()
+        for start in range(0, len(members), batch_size)
+    ]
     done = 0
     with torch.inference_mode():
-        for size, members in groups.items():
-            for start in range(0, len(members), batch_size):
-                idx = members[start : start + batch_size]
-                x = torch.cat([to_tensor(images[i], size, photometric) for i in idx])
-                yield idx, [f.contiguous() for f in extractor(x)]
-                done += len(idx)
-                if progress is not None:
-                    progress(stage, done, len(images))
+        loaded = image_batches(images, [idx for _, idx in batches])
+        for (size, idx), batch in zip(batches, loaded, strict=True):
+            x = torch.cat([to_tensor(img, size, photometric) for img in batch])
+            yield idx, [f.contiguous() for f in extractor(x)]
+            done += len(idx)
+            if progress is not None:
+                progress(stage, done, len(images))
