@@ -70,7 +70,7 @@ def test_load_within_keeps_images_under_the_budget_else_reads_files(
 ) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    paths = files[:5] + [bad] + files[5:]
+    paths = [*files[:5], bad, *files[5:]]
     held, ok, errors = load_within(paths, 1 << 30)
     assert isinstance(held, list) and len(held) == 20 and ok == files
     assert [p for p, _ in errors] == [bad]
@@ -84,6 +84,26 @@ def test_load_within_keeps_images_under_the_budget_else_reads_files(
     assert isinstance(load_within(files[:1], 0)[0], ImageFiles)
     with pytest.raises(ValueError, match="budget"):
         load_within(files, -1)
+
+
+def test_headers_decide_before_decoding_and_decoded_sizes_after(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from defectkit.data import files as files_module
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert files_module._header_bytes(files[0]) == 96 * 112 * 3
+    assert files_module._header_bytes(files[3]) == 80 * 90 * 3
+    assert files_module._header_bytes(bad) == 0
+    # the headers alone say "too large": files, although the decoded images would fit
+    monkeypatch.setattr(files_module, "_header_bytes", lambda p: 1 << 40)
+    lazy, ok, errors = load_within([*files, bad], 1 << 30)
+    assert isinstance(lazy, ImageFiles) and ok == files and [p for p, _ in errors] == [bad]
+    # headers that understate: the decoded sizes still switch to files
+    monkeypatch.setattr(files_module, "_header_bytes", lambda p: 0)
+    assert isinstance(load_within(files, 4 * 96 * 112 * 3)[0], ImageFiles)
+    assert isinstance(load_within(files, 1 << 30)[0], list)
 
 
 def test_batches_come_in_order_with_read_ahead(files: list[Path]) -> None:
@@ -137,9 +157,7 @@ def test_detector_fit_on_files_matches_and_records_sizes(files: list[Path]) -> N
     decoded = [load_image(p) for p in files]
     params = {"image_size": 96, "coreset_ratio": 0.1}
     a = Detector.fit(decoded, "patchcore", params, paths=files, calibration_fraction=0.25)
-    b = Detector.fit(
-        ImageFiles(files), "patchcore", params, paths=files, calibration_fraction=0.25
-    )
+    b = Detector.fit(ImageFiles(files), "patchcore", params, paths=files, calibration_fraction=0.25)
     assert a.threshold.value == b.threshold.value
     assert a.pixel_threshold.value == b.pixel_threshold.value
     assert a.info["fit_images"] == b.info["fit_images"]

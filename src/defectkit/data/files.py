@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import overload
 
 import numpy as np
+from PIL import Image
 
 from defectkit.data.batches import iter_batches
 from defectkit.data.images import DEFAULT_MAX_PIXELS, load_image
@@ -143,6 +144,17 @@ def image_batches(
             yield current
 
 
+def _header_bytes(path: Path) -> int:
+    """Decoded RGB size from the file's header (0 where it cannot be read: the
+    decoding pass then names the problem)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # any unreadable header: judged when decoded
+        return 0
+    return int(w) * int(h) * 3
+
+
 def load_within(
     paths: Sequence[Path],
     budget_bytes: int = DEFAULT_IMAGE_MEMORY,
@@ -153,14 +165,17 @@ def load_within(
     for those that did not).
 
     The images come as a list while their decoded size stays within
-    ``budget_bytes``; above it, the decoded ones are let go and an
-    :class:`ImageFiles` of the readable files is returned instead (each image is
-    then decoded again whenever it is used: slower, in bounded memory). A budget
-    of 0 always gives :class:`ImageFiles`.
+    ``budget_bytes``; above it, an :class:`ImageFiles` of the readable files is
+    returned instead (each image is then decoded again whenever it is used:
+    slower, in bounded memory). The file headers tell the size before anything
+    is decoded, so a set known to be too large is never held even in part; the
+    decoded sizes still decide when the headers were wrong. A budget of 0
+    always gives :class:`ImageFiles`.
     """
     if budget_bytes < 0:
         raise ValueError(f"image memory budget must be >= 0 bytes, got {budget_bytes}")
-    kept: list[np.ndarray] | None = []
+    over = sum(_header_bytes(p) for p in paths) > budget_bytes
+    kept: list[np.ndarray] | None = None if over else []
     ok: list[Path] = []
     shapes: list[tuple[int, int]] = []
     errors: list[tuple[Path, str]] = []
