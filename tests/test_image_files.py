@@ -185,9 +185,59 @@ def test_cli_fit_image_memory_zero_reads_files_and_gives_the_same_model(
     assert seen == [list, ImageFiles]
     a, b = Detector.load(held), Detector.load(lazy)
     assert a.threshold.value == b.threshold.value
+    assert a.pixel_threshold == b.pixel_threshold  # its maps waited on disk
     np.testing.assert_array_equal(a.model.memory_bank_, b.model.memory_bank_)
 
     res = CliRunner().invoke(
         app, ["fit", str(demo_root), "--out", str(tmp_path / "x.dkm"), "--image-memory", "-1"]
     )
     assert res.exit_code != 0 and "--image-memory must be >= 0" in res.output
+
+
+def test_saved_maps_give_the_same_pixel_threshold(tmp_path: Path) -> None:
+    from defectkit.decide.calibration import pixel_threshold_for_false_regions
+    from defectkit.decide.map_store import SavedMaps, map_shapes
+
+    rng = np.random.default_rng(5)
+    maps = []
+    for i in range(12):
+        m = rng.normal(0, 1, (60 + i, 70)).astype(np.float32)
+        m[10:20, 10 + i : 25 + i] += 4 * rng.random()  # a blob of varying height
+        maps.append(m)
+    saved = SavedMaps(tmp_path)
+    for m in maps:
+        saved.append(m)
+    assert len(saved) == 12 and map_shapes(saved) == [m.shape for m in maps]
+    np.testing.assert_array_equal(saved[7], maps[7])
+    for target in (0.0, 0.3, 2.0):
+        a = pixel_threshold_for_false_regions(maps, target, min_area=5, cap=3.5)
+        b = pixel_threshold_for_false_regions(saved, target, min_area=5, cap=3.5)
+        assert a == b
+
+
+def test_detector_keeps_calibration_maps_on_disk_above_the_budget(
+    files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    import defectkit.detector as detector_module
+    from defectkit.decide import map_store
+
+    decoded = [load_image(p) for p in files]
+    params = {"image_size": 96, "coreset_ratio": 0.1}
+    a = Detector.fit(decoded, "patchcore", params, calibration_fraction=0.4)
+    written: list[Path] = []
+    real_append = map_store.SavedMaps.append
+
+    def spy(self, amap):
+        real_append(self, amap)
+        written.append(self.paths[-1])
+
+    monkeypatch.setattr(map_store.SavedMaps, "append", spy)
+    monkeypatch.setattr(detector_module, "_MAP_CHUNK", 4)  # 8 calibration images: 2 chunks
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    b = Detector.fit(ImageFiles(files), "patchcore", params, calibration_fraction=0.4, map_memory=0)
+    assert len(written) == 8 and all(p.parent.parent == tmp_path for p in written)
+    assert not any(p.exists() for p in written) and not list(tmp_path.iterdir())  # cleaned up
+    assert a.threshold == b.threshold
+    assert a.pixel_threshold == b.pixel_threshold

@@ -220,8 +220,9 @@ def fit(
     image_memory: Annotated[
         float,
         typer.Option(
-            help="GiB of decoded good images to hold while fitting; above it each image is "
-            "read from its file whenever it is needed (slower, memory bounded)"
+            help="GiB of decoded good images to hold while fitting (and, apart, of the "
+            "calibration images' maps); above it each image is read from its file whenever "
+            "it is needed and the maps wait in a temporary folder (slower, memory bounded)"
         ),
     ] = DEFAULT_IMAGE_MEMORY / 2**30,
 ) -> None:
@@ -369,6 +370,7 @@ def fit(
                     min_region_area=min_region_area,
                     defect_images=defect_images,
                     defect_paths=defect_ok,
+                    map_memory=budget,
                 )
             if type_items is not None:
                 from defectkit.classify.workflow import fit_classifier

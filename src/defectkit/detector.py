@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from defectkit import __version__
 from defectkit.classify.classifier import DefectClassifier, is_classifier_file
-from defectkit.data.files import ImageFiles, image_shapes, take
+from defectkit.data.files import DEFAULT_IMAGE_MEMORY, ImageFiles, image_shapes, take
 from defectkit.decide.calibration import (
     PixelThreshold,
     Threshold,
@@ -29,6 +31,7 @@ from defectkit.decide.calibration import (
     threshold_for_false_alarm_rate,
 )
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
+from defectkit.decide.map_store import SavedMaps
 from defectkit.decide.regions import Region, locate_regions
 from defectkit.decide.rescore import EVIDENCE, DefectRescorer
 from defectkit.decide.severity import SeverityRules
@@ -40,6 +43,44 @@ from defectkit.model_file import ModelFile, read_model, write_model
 MODEL_SUFFIX = ".dkm"
 #: methods that may score with a lower-precision backbone (Detector.set_precision)
 LOW_PRECISION_METHODS = ("patchcore", "padim", "kmeans")
+
+
+#: calibration images scored at a time when their maps are kept on disk
+_MAP_CHUNK = 64
+
+
+def _calibration_maps(
+    model: AnomalyModel,
+    images: Sequence[Image],
+    budget: int,
+    stack: ExitStack,
+    progress: Progress | None,
+) -> tuple[np.ndarray, Sequence[np.ndarray]]:
+    """Scores and maps of the calibration images: the maps in memory while they fit
+    in ``budget`` bytes, else written to a temporary folder (removed when ``stack``
+    closes) chunk by chunk as they are scored."""
+    shapes = image_shapes(images)
+    if sum(h * w * 4 for h, w in shapes) <= budget:
+        res = model.score(images, progress=progress)
+        return res.scores, res.maps
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="defectkit-maps-"))
+    maps = SavedMaps(folder)
+    scores = []
+    n = len(images)
+    for start in range(0, n, _MAP_CHUNK):
+        idx = range(start, min(n, start + _MAP_CHUNK))
+        res = model.score(take(images, idx), progress=_offset(progress, start, n))
+        scores.append(np.asarray(res.scores, np.float32))
+        for m in res.maps:
+            maps.append(m)
+    return np.concatenate(scores), maps
+
+
+def _offset(progress: Progress | None, offset: int, total: int) -> Progress | None:
+    """``progress`` for one chunk of ``total`` items starting at ``offset``."""
+    if progress is None:
+        return None
+    return lambda stage, done, _: progress(stage, offset + done, total)
 
 
 def _as_sequence(images: Sequence[Image]) -> Sequence[Image]:
@@ -106,6 +147,7 @@ class Detector:
         defect_images: Sequence[Image] | None = None,
         defect_paths: Sequence[str | os.PathLike[str]] | None = None,
         rescore_params: dict[str, Any] | None = None,
+        map_memory: int = DEFAULT_IMAGE_MEMORY,
     ) -> Detector:
         """Fit ``method`` on good images and calibrate its thresholds on good images
         held out from fitting (or on ``calibration_images`` when given).
@@ -123,6 +165,10 @@ class Detector:
         anomaly score's; the image threshold is then calibrated on the held-out
         good images' out-of-fold re-scored values. Without them the detector is
         exactly the unsupervised one.
+
+        The calibration images' maps (H x W x 4 bytes each) are held in memory up
+        to ``map_memory`` bytes; above it they are scored in chunks and kept in a
+        temporary folder until the pixel threshold is set (same threshold).
         """
         model_cls = get_method(method)
         params = dict(params or {})
@@ -153,18 +199,22 @@ class Detector:
                 "a calibration fraction > 0 or calibration images"
             )
         if cal_set:
-            cal = model.score(cal_set, progress=progress)
-            threshold = threshold_for_false_alarm_rate(cal.scores, false_alarm_rate)
-            pixel_threshold = pixel_threshold_for_false_regions(
-                cal.maps, max_false_regions, min_area=min_region_area, cap=threshold.value
-            )
+            with ExitStack() as stack:
+                cal_scores, cal_maps = _calibration_maps(
+                    model, cal_set, map_memory, stack, progress
+                )
+                threshold = threshold_for_false_alarm_rate(cal_scores, false_alarm_rate)
+                pixel_threshold = pixel_threshold_for_false_regions(
+                    cal_maps, max_false_regions, min_area=min_region_area, cap=threshold.value
+                )
+                del cal_maps
             if defect_images is not None and len(defect_images):
                 rescore_params = {"seed": seed, **(rescore_params or {})}
                 DefectRescorer.check_params(rescore_params)
                 candidate = DefectRescorer(**rescore_params)
                 defect_scores = model.score(defect_images, progress=progress).scores
                 found = candidate.fit(
-                    fit_set, cal_set, cal.scores, defect_images, defect_scores, progress
+                    fit_set, cal_set, cal_scores, defect_images, defect_scores, progress
                 )
                 semi = found.to_dict()
                 if defect_paths is not None:

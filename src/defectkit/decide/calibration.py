@@ -15,12 +15,14 @@ so ``defectkit calibrate`` can change them without refitting.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
+from defectkit.decide.map_store import map_shapes
 from defectkit.decide.regions import count_regions
 from defectkit.errors import ConfigError
 
@@ -172,14 +174,20 @@ _LOG_TAIL = np.arange(1.0, 7.0001, 0.05)
 _MAX_POOLED = 4_000_000
 
 
-def _pooled_sample(maps: list[np.ndarray]) -> np.ndarray:
-    total = sum(m.size for m in maps)
+def _pooled_sample(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Every ``step``-th pixel of every map (one pass; each map checked on the way)."""
+    total = sum(int(np.prod(shape)) for shape in map_shapes(maps))
     step = max(1, math.ceil(total / _MAX_POOLED))
-    return np.concatenate([np.asarray(m, np.float32).ravel()[::step] for m in maps])
+    parts = []
+    for m in maps:
+        a = np.asarray(m, np.float32)
+        _scores(a, "good pixel")
+        parts.append(a.ravel()[::step])
+    return np.concatenate(parts)
 
 
 def pixel_threshold_for_false_regions(
-    good_maps: list[np.ndarray],
+    good_maps: Sequence[np.ndarray],
     max_regions_per_image: float = DEFAULT_MAX_FALSE_REGIONS,
     *,
     min_area: int = DEFAULT_MIN_AREA,
@@ -202,11 +210,9 @@ def pixel_threshold_for_false_regions(
         )
     if min_area < 1:
         raise ConfigError(f"minimum region area must be >= 1 pixel, got {min_area}")
-    if not good_maps:
+    if not len(good_maps):
         raise ConfigError("pixel calibration needs the map of at least one good image")
-    maps = [np.asarray(m) for m in good_maps]
-    for m in maps:
-        _scores(m, "good pixel")
+    maps = good_maps  # a list, or maps stored on disk (read again for each candidate)
     pooled = np.sort(_pooled_sample(maps))
     top = float(np.nextafter(np.float32(pooled[-1]), np.float32(np.inf)))
     candidates = [top]
