@@ -109,3 +109,25 @@ def test_bad_arrays_are_refused_with_the_index(name: str, surface_set: dict) -> 
         model.score([np.zeros((4, 4, 3), np.uint8)])
     with pytest.raises(ImageError, match="shape"):
         model.score([np.zeros((10, 10, 5), np.uint8)])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fit_and_score_take_images_read_from_files(
+    name: str, surface_set: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """What ``fit`` gives a method above its image memory budget (an ImageFiles):
+    every method learns the same from it as from the decoded images."""
+    from defectkit.data.files import ImageFiles
+    from defectkit.data.images import save_png
+
+    folder = tmp_path_factory.mktemp(f"files-{name}")
+    paths = []
+    for i, img in enumerate(surface_set["train"]):
+        paths.append(folder / f"{i:02d}.png")
+        save_png(paths[-1], img)
+    test = surface_set["good"][:2] + surface_set["bad"][:2]
+    from_arrays = make(name).fit(surface_set["train"]).score(test)
+    from_files = make(name).fit(ImageFiles(paths)).score(ImageFiles(paths[:3]))
+    again = make(name).fit(ImageFiles(paths)).score(test)
+    assert from_files.scores.shape == (3,)
+    np.testing.assert_allclose(again.scores, from_arrays.scores, rtol=1e-5, atol=1e-6)
