@@ -208,6 +208,28 @@ def test_pixel_threshold_is_as_low_as_the_rule_allows() -> None:
     assert quiet.good_pixel_quantile < 0.95  # the lowest candidates are reached
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pixel_threshold_skipping_low_maps_changes_nothing(
+    dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Maps whose peak is below a candidate are not counted (they have no region);
+    every count, so the threshold, is what counting every map gives. Plateaus make
+    candidates equal to map peaks, where the inclusive cut must still count."""
+    from defectkit.decide import calibration
+
+    maps = [m.astype(dtype) for m in good_maps(40, 0.6, seed=3)]
+    for m in maps[::5]:
+        m[20:30, 20:30] = 4.0  # the same plateau in several maps
+    every = lambda maps, peaks, t, a: sum(count_regions(m, t, a) for m in maps) / len(maps)  # noqa: E731
+    for target in (0.0, 0.1, 0.3, 1.0):
+        for cap in (None, 3.0):
+            fast = pixel_threshold_for_false_regions(maps, target, min_area=9, cap=cap)
+            with monkeypatch.context() as mp:
+                mp.setattr(calibration, "_mean_regions", every)
+                slow = pixel_threshold_for_false_regions(maps, target, min_area=9, cap=cap)
+            assert fast == slow
+
+
 def test_pixel_threshold_cap_and_bad_input() -> None:
     maps = good_maps(20, 0.5)
     capped = pixel_threshold_for_false_regions(maps, 0.0, min_area=9, cap=1.5)

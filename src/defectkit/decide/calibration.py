@@ -174,16 +174,27 @@ _LOG_TAIL = np.arange(1.0, 7.0001, 0.05)
 _MAX_POOLED = 4_000_000
 
 
-def _pooled_sample(maps: Sequence[np.ndarray]) -> np.ndarray:
-    """Every ``step``-th pixel of every map (one pass; each map checked on the way)."""
+def _pooled_sample(maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``step``-th pixel of every map, and each map's peak (one pass; each
+    map checked on the way)."""
     total = sum(int(np.prod(shape)) for shape in map_shapes(maps))
     step = max(1, math.ceil(total / _MAX_POOLED))
-    parts = []
+    parts, peaks = [], []
     for m in maps:
         a = np.asarray(m, np.float32)
         _scores(a, "good pixel")
         parts.append(a.ravel()[::step])
-    return np.concatenate(parts)
+        peaks.append(a.max())
+    return np.concatenate(parts), np.array(peaks, np.float32)
+
+
+def _mean_regions(
+    maps: Sequence[np.ndarray], peaks: np.ndarray, threshold: float, min_area: int
+) -> float:
+    """Mean region count over the maps; a map whose peak is below the threshold has
+    none, so only the others are looked at (most good maps, near the top)."""
+    hits = np.flatnonzero(peaks >= np.float32(threshold))
+    return sum(count_regions(maps[int(i)], threshold, min_area) for i in hits) / len(maps)
 
 
 def pixel_threshold_for_false_regions(
@@ -213,7 +224,8 @@ def pixel_threshold_for_false_regions(
     if not len(good_maps):
         raise ConfigError("pixel calibration needs the map of at least one good image")
     maps = good_maps  # a list, or maps stored on disk (read again for each candidate)
-    pooled = np.sort(_pooled_sample(maps))
+    pooled, peaks = _pooled_sample(maps)
+    pooled.sort()
     top = float(np.nextafter(np.float32(pooled[-1]), np.float32(np.inf)))
     candidates = [top]
     for k in _LOG_TAIL[::-1]:
@@ -224,14 +236,14 @@ def pixel_threshold_for_false_regions(
     n = len(maps)
     value, mean = top, 0.0
     for t in candidates:
-        m = sum(count_regions(a, t, min_area) for a in maps) / n
+        m = _mean_regions(maps, peaks, t, min_area)
         if m > max_regions_per_image:
             break
         value, mean = t, m
     capped = cap is not None and value > cap
     if capped:
         value = float(cap)
-        mean = sum(count_regions(a, value, min_area) for a in maps) / n
+        mean = _mean_regions(maps, peaks, value, min_area)
     return PixelThreshold(
         value=value,
         rule="false-regions",
