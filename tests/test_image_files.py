@@ -208,6 +208,10 @@ def test_saved_maps_give_the_same_pixel_threshold(tmp_path: Path) -> None:
     for m in maps:
         saved.append(m)
     assert len(saved) == 12 and map_shapes(saved) == [m.shape for m in maps]
+    wide = SavedMaps(tmp_path / "f64")
+    (tmp_path / "f64").mkdir()
+    wide.append(maps[0].astype(np.float64) / 3)
+    assert wide[0].dtype == np.float64  # kept as given: no rounding on the way
     np.testing.assert_array_equal(saved[7], maps[7])
     for target in (0.0, 0.3, 2.0):
         a = pixel_threshold_for_false_regions(maps, target, min_area=5, cap=3.5)

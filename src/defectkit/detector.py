@@ -70,7 +70,7 @@ def _calibration_maps(
     for start in range(0, n, _MAP_CHUNK):
         idx = range(start, min(n, start + _MAP_CHUNK))
         res = model.score(take(images, idx), progress=_offset(progress, start, n))
-        scores.append(np.asarray(res.scores, np.float32))
+        scores.append(np.asarray(res.scores))
         for m in res.maps:
             maps.append(m)
     return np.concatenate(scores), maps

@@ -5,8 +5,8 @@ full image resolution (H x W x 4 bytes each): 300 images of 1024x1024 hold
 1.2 GB. Above a budget :func:`defectkit.detector.Detector.fit` scores those
 images in chunks and writes each map to a temporary folder as it comes;
 :class:`SavedMaps` reads them back, one at a time, whenever the calibration
-counts regions. The maps are the same float32 arrays, so the threshold is the
-same; reading them again costs some time (from the page cache, usually).
+counts regions. The maps come back as the same arrays, so the threshold is
+the same; reading them again costs some time (from the page cache, usually).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class SavedMaps(Sequence[np.ndarray]):
         self.shapes: list[tuple[int, ...]] = []
 
     def append(self, amap: np.ndarray) -> None:
-        a = np.ascontiguousarray(amap, dtype=np.float32)
+        a = np.ascontiguousarray(amap)  # its own dtype: the same values come back
         path = self.folder / f"{len(self.paths):07d}.npy"
         np.save(path, a, allow_pickle=False)
         self.paths.append(path)
