@@ -82,6 +82,8 @@ def test_load_within_keeps_images_under_the_budget_else_reads_files(
     for a, b in zip(held, lazy, strict=True):
         np.testing.assert_array_equal(a, b)
     assert isinstance(load_within(files[:1], 0)[0], ImageFiles)
+    unbounded, _, errors3 = load_within(paths, None)
+    assert isinstance(unbounded, list) and len(unbounded) == 20 and errors3 == errors
     with pytest.raises(ValueError, match="budget"):
         load_within(files, -1)
 

@@ -317,13 +317,14 @@ def fit(
     except DefectkitError as e:
         raise _fail(str(e)) from None
     t0 = time.perf_counter()
+    budget = int(image_memory * 2**30)
     # tiles are cut from decoded images: a tiled fit holds them whatever the budget
-    budget = int(image_memory * 2**30) if tiling is None else sys.maxsize
-    images, ok_paths, errors = load_within(paths, budget)
+    image_budget = budget if tiling is None else None
+    images, ok_paths, errors = load_within(paths, image_budget)
     cal_images: Sequence[np.ndarray] | None = None
     cal_ok: list[Path] | None = None
     if cal_paths is not None:
-        cal_images, cal_ok, cal_errors = load_within(cal_paths, budget)
+        cal_images, cal_ok, cal_errors = load_within(cal_paths, image_budget)
         errors = errors + cal_errors
         if not cal_images:
             raise _fail(

@@ -18,6 +18,7 @@ readable ones.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,7 +158,7 @@ def _header_bytes(path: Path) -> int:
 
 def load_within(
     paths: Sequence[Path],
-    budget_bytes: int = DEFAULT_IMAGE_MEMORY,
+    budget_bytes: int | None = DEFAULT_IMAGE_MEMORY,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[np.ndarray] | ImageFiles, list[Path], list[tuple[Path, str]]]:
@@ -170,11 +171,15 @@ def load_within(
     slower, in bounded memory). The file headers tell the size before anything
     is decoded, so a set known to be too large is never held even in part; the
     decoded sizes still decide when the headers were wrong. A budget of 0
-    always gives :class:`ImageFiles`.
+    always gives :class:`ImageFiles`; ``None`` (no budget) always a list.
     """
-    if budget_bytes < 0:
+    if budget_bytes is None:
+        budget_bytes = sys.maxsize  # no header pass: everything is held anyway
+        over = False
+    elif budget_bytes < 0:
         raise ValueError(f"image memory budget must be >= 0 bytes, got {budget_bytes}")
-    over = sum(_header_bytes(p) for p in paths) > budget_bytes
+    else:
+        over = sum(_header_bytes(p) for p in paths) > budget_bytes
     kept: list[np.ndarray] | None = None if over else []
     ok: list[Path] = []
     shapes: list[tuple[int, int]] = []
