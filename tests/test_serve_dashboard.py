@@ -87,11 +87,13 @@ def test_upload_review_and_chart_update_in_chromium(server):
         sync_api.expect(page.locator('#feed tr[data-id="1"]')).to_contain_text("NG")
         row = page.locator('#queue tr[data-id="1"]')
         sync_api.expect(row).to_be_visible()
-        overlay_ok = page.evaluate(
+        # the overlay loads after the row appears: wait for it (a broken image never
+        # gets a natural width, so this times out and fails)
+        page.wait_for_function(
             "() => { const i = document.querySelector('#feed tr[data-id=\"1\"] img');"
-            " return i.complete && i.naturalWidth > 0; }"
+            " return i !== null && i.complete && i.naturalWidth > 0; }",
+            timeout=15_000,
         )
-        assert overlay_ok
 
         # review it as a defect of a named type: it leaves the queue and is stored
         row.locator(".review-type").fill("hole")
