@@ -374,6 +374,57 @@ def test_fit_with_defects(demo_root: Path, tmp_path: Path) -> None:
     assert all(r["is_defect"] == (r["score"] >= r["threshold"]) for r in recs)
 
 
+def test_fit_with_defect_masks(demo_root: Path, tmp_path: Path) -> None:
+    defects = tmp_path / "defects"
+    for kind in ("hole", "spot"):
+        shutil.copytree(demo_root / "test" / kind, defects / kind)
+    model = tmp_path / "masks.dkm"
+    args = ["fit", str(demo_root), "--out", str(model), *FAST, "--calibration-fraction", "0.4"]
+    masks = demo_root / "ground_truth"
+    res = runner.invoke(app, [*args, "--defects", str(defects), "--defect-masks", str(masks)])
+    assert res.exit_code == 0, res.output
+    assert "mask head learned from 6 defect masks" in said(res)
+    det = Detector.load(model)
+    assert det.model.mask_head_ is not None
+    assert det.info["mask_head"]["n_defect_images"] == 6
+    assert det.info["defect_masks_data"] == str(masks)
+    recs = lines(runner.invoke(app, ["inspect", str(model), str(demo_root / "test"), "-q"]))
+    assert recs and all(r["error"] is None for r in recs)
+    res = runner.invoke(app, ["export", str(model), "--out", str(tmp_path / "onnx")])
+    assert res.exit_code == 2 and "mask head" in said(res)
+
+
+def test_bad_defect_masks_exit_2(demo_root: Path, tmp_path: Path) -> None:
+    defects = tmp_path / "defects"
+    shutil.copytree(demo_root / "test" / "hole", defects / "hole")
+    partial = tmp_path / "partial" / "hole"
+    partial.mkdir(parents=True)
+    gt = sorted((demo_root / "ground_truth" / "hole").glob("*_mask.png"))
+    for p in gt[1:]:
+        shutil.copy(p, partial / p.name)
+    small = tmp_path / "small" / "hole"
+    small.mkdir(parents=True)
+    for p in gt:
+        save_png(small / p.name, np.zeros((8, 8), bool))
+    out = ["--out", str(tmp_path / "m.dkm"), *FAST, "--calibration-fraction", "0.4"]
+    with_defects = ["--defects", str(defects)]
+    cases = [
+        (["--defect-masks", str(demo_root / "ground_truth")], "needs --defects"),
+        ([*with_defects, "--defect-masks", str(tmp_path / "none")], "is not a folder"),
+        ([*with_defects, "--defect-masks", str(partial.parent)], f"no mask file {gt[0].stem}"),
+        ([*with_defects, "--defect-masks", str(small.parent)], "does not match image size"),
+    ]
+    for extra, message in cases:
+        res = runner.invoke(app, ["fit", str(demo_root), *out, *extra])
+        assert res.exit_code == 2, (extra, res.output)
+        assert message in said(res), (extra, res.output)
+    padim = ["--out", str(tmp_path / "p.dkm"), "-q", "--method", "padim", *with_defects]
+    res = runner.invoke(
+        app, ["fit", str(demo_root), *padim, "--defect-masks", str(demo_root / "ground_truth")]
+    )
+    assert res.exit_code == 2 and "not padim" in said(res), res.output
+
+
 def test_bad_defects_options_exit_2(demo_root: Path, tmp_path: Path) -> None:
     out = ["--out", str(tmp_path / "m.dkm"), *FAST]
     few = tmp_path / "few"

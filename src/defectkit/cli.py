@@ -206,6 +206,14 @@ def fit(
             "kept only if it beats the anomaly score on them (cross-validated)"
         ),
     ] = None,
+    defect_masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder of the --defects images' masks (<stem>_mask.png, searched "
+            "recursively, as in MVTec's ground_truth): a mask head learns where defects "
+            "are and joins the maps (patchcore)"
+        ),
+    ] = None,
     tile: Annotated[
         int | None,
         typer.Option(
@@ -246,6 +254,7 @@ def fit(
                 ("--classify-types", classify_types),
                 ("--classifier-param", bool(classifier_param)),
                 ("--defects", defects is not None),
+                ("--defect-masks", defect_masks is not None),
                 ("--calibration-dir", calibration_dir is not None),
                 ("--tile", tile is not None),
             )
@@ -306,10 +315,11 @@ def fit(
             classifier_params.setdefault("seed", seed)
             _check_classifier_params(classifier_params)
         defect_paths = _defect_paths(defects, paths, calibration_fraction, calibration_dir)
+        mask_paths = _mask_paths(defect_masks, defect_paths)
         tiling = _tiling_options(tile, tile_overlap, tile_blend)
         if tiling is not None:
             if defects is not None or classify_types:
-                raise _fail("--tile: not with --defects or --classify-types")
+                raise _fail("--tile: not with --defects, --defect-masks or --classify-types")
             if calibration_dir is None and calibration_fraction == 0:
                 raise _fail("--tile needs held-out good images: --calibration-fraction > 0")
         if not (image_memory >= 0 and math.isfinite(image_memory)):
@@ -332,9 +342,12 @@ def fit(
             )
     defect_images: list[np.ndarray] | None = None
     defect_ok: list[Path] | None = None
+    masks: list[np.ndarray] | None = None
     if defect_paths is not None:
         defect_images, defect_ok, defect_errors = load_all(defect_paths)
         errors = errors + defect_errors
+        if mask_paths is not None:
+            masks = _load_defect_masks(defect_images, defect_ok, mask_paths)
     for p, problem in errors:
         err.print(f"[yellow]skipped[/] {_shown(p)}: {_shown(problem)}", highlight=False)
     if not images:
@@ -372,6 +385,7 @@ def fit(
                     defect_images=defect_images,
                     defect_paths=defect_ok,
                     map_memory=budget,
+                    defect_masks=masks,
                 )
             if type_items is not None:
                 from defectkit.classify.workflow import fit_classifier
@@ -391,6 +405,8 @@ def fit(
             det.info["calibration_data"] = str(calibration_dir)
         if defects is not None:
             det.info["defects_data"] = str(defects)
+        if defect_masks is not None:
+            det.info["defect_masks_data"] = str(defect_masks)
         det.info["n_skipped_files"] = len(errors)
         try:
             det.save(out_path)
@@ -428,6 +444,14 @@ def fit(
             f"{semi['labelled_cv_auroc']:.4f} vs {semi['labelled_anomaly_auroc']:.4f} for the "
             f"anomaly score, on {semi['n_good']} held-out good + {semi['n_defect']} labelled "
             "defective images",
+            highlight=False,
+        )
+    head = det.info.get("mask_head")
+    if head is not None:
+        err.print(
+            f"mask head learned from {head['n_defect_images']} defect masks "
+            f"({head['n_defect_pixels']:,} defect pixels) in {head['fit_seconds']:.1f} s; "
+            "it joins every map, and the thresholds above include it",
             highlight=False,
         )
     if det.classifier is not None:
@@ -554,6 +578,50 @@ def _defect_paths(
             f"(e.g. {sorted(overlap)[0]})"
         )
     return found
+
+
+def _mask_paths(masks: Path | None, defect_paths: list[Path] | None) -> dict[Path, Path] | None:
+    """The mask file of each --defects image (``<stem>_mask.<ext>`` under ``masks``; where
+    two match, the one whose folder is named like the image's), checked before any
+    long work: an image without its mask is an error, not a silent skip."""
+    from defectkit.data.datasets import list_images
+
+    if masks is None:
+        return None
+    if defect_paths is None:
+        raise _fail("--defect-masks needs --defects (the images the masks belong to)")
+    if not masks.is_dir():
+        raise _fail(f"--defect-masks {masks} is not a folder")
+    found, _ = list_images([masks])
+    by_stem: dict[str, list[Path]] = {}
+    for m in found:
+        if m.stem.endswith("_mask"):
+            by_stem.setdefault(m.stem[: -len("_mask")], []).append(m)
+    out: dict[Path, Path] = {}
+    for p in defect_paths:
+        candidates = by_stem.get(p.stem, [])
+        if len(candidates) > 1:
+            candidates = [m for m in candidates if m.parent.name == p.parent.name]
+        if len(candidates) != 1:
+            problem = "no" if not candidates else f"{len(candidates)} ambiguous"
+            raise _fail(
+                f"--defect-masks {masks}: {problem} mask file {p.stem}_mask.* for defect image "
+                f"{_shown(p)}"
+            )
+        out[p] = candidates[0]
+    return out
+
+
+def _load_defect_masks(
+    images: list[np.ndarray], paths: list[Path], mask_paths: dict[Path, Path]
+) -> list[np.ndarray]:
+    """The masks of the defect images that loaded; a bad mask file stops the fit."""
+    from defectkit.data.images import load_mask
+
+    try:
+        return [load_mask(mask_paths[p], im.shape) for im, p in zip(images, paths, strict=True)]
+    except DefectkitError as e:
+        raise _fail(f"--defect-masks: {e}") from None
 
 
 def _print_classifier_summary(clf: Any) -> None:

@@ -88,6 +88,25 @@ def _as_sequence(images: Sequence[Image]) -> Sequence[Image]:
     return images if isinstance(images, ImageFiles) else list(images)
 
 
+def _check_mask_head(
+    model: AnomalyModel, defect_images: Sequence[Image] | None, masks: Sequence[np.ndarray]
+) -> None:
+    """Refuse defect masks that cannot teach ``model`` a mask head, before fitting."""
+    if not hasattr(model, "fit_mask_head"):
+        raise ConfigError(
+            f"defect masks teach a mask head to methods with patch features (patchcore), "
+            f"not {model.name}"
+        )
+    if defect_images is None or len(masks) != len(defect_images):
+        n = 0 if defect_images is None else len(defect_images)
+        raise ConfigError(f"{len(masks)} defect masks for {n} defect images; give one per image")
+    for i, ((h, w), m) in enumerate(zip(image_shapes(defect_images), masks, strict=True)):
+        if np.shape(m) != (h, w):
+            raise ConfigError(
+                f"defect mask {i} is {np.shape(m)[::-1]} (width, height), its image ({w}, {h})"
+            )
+
+
 def split_for_calibration(
     n: int, fraction: float, seed: int, min_fit: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -148,6 +167,8 @@ class Detector:
         defect_paths: Sequence[str | os.PathLike[str]] | None = None,
         rescore_params: dict[str, Any] | None = None,
         map_memory: int = DEFAULT_IMAGE_MEMORY,
+        defect_masks: Sequence[np.ndarray] | None = None,
+        mask_head_params: dict[str, Any] | None = None,
     ) -> Detector:
         """Fit ``method`` on good images and calibrate its thresholds on good images
         held out from fitting (or on ``calibration_images`` when given).
@@ -165,6 +186,12 @@ class Detector:
         anomaly score's; the image threshold is then calibrated on the held-out
         good images' out-of-fold re-scored values. Without them the detector is
         exactly the unsupervised one.
+
+        ``defect_masks`` (one bool H x W mask per defect image, optional) also teach
+        the method where defects are: a mask head joins its maps (settings
+        ``mask_head_params``; methods with a ``fit_mask_head``, i.e. PatchCore). The
+        head learns from the fit images and the defects only, and both thresholds
+        are calibrated after it, on the held-out good images.
 
         The calibration images' maps (H x W x 4 bytes each) are held in memory up
         to ``map_memory`` bytes; above it they are scored in chunks and kept in a
@@ -187,9 +214,24 @@ class Detector:
             cal_paths = None if calibration_paths is None else list(calibration_paths)
         if not fit_set:
             raise ConfigError("no good images to fit on")
+        if defect_masks is not None:
+            _check_mask_head(model, defect_images, defect_masks)
         t0 = time.perf_counter()
         model.fit(fit_set, progress=progress)
         fit_s = time.perf_counter() - t0
+        mask_info: dict[str, Any] | None = None
+        if defect_masks is not None:
+            assert defect_images is not None
+            t1 = time.perf_counter()
+            model.fit_mask_head(  # type: ignore[attr-defined]
+                defect_images, defect_masks, fit_set, progress=progress, **(mask_head_params or {})
+            )
+            mask_info = {
+                "n_defect_images": len(defect_images),
+                "n_defect_pixels": int(sum(np.count_nonzero(m) for m in defect_masks)),
+                "params": dict(mask_head_params or {}),
+                "fit_seconds": round(time.perf_counter() - t1, 3),
+            }
         threshold = pixel_threshold = None
         rescorer = None
         semi: dict[str, Any] | None = None
@@ -240,6 +282,8 @@ class Detector:
             info["calibration_images"] = [os.path.abspath(p) for p in cal_paths]
         if semi is not None:
             info["semi_supervised"] = semi
+        if mask_info is not None:
+            info["mask_head"] = mask_info
         return cls(model, threshold, info, pixel_threshold, rescorer=rescorer)
 
     # -- use --------------------------------------------------------------------

@@ -108,8 +108,20 @@ def check_exportable(det: Detector) -> None:
             f"method {name!r} cannot be exported to ONNX yet (exportable: "
             f"{', '.join(EXPORTABLE)}); inspect it with the PyTorch runtime"
         )
-    if det.rescorer is not None or det.classifier is not None:
-        part = "semi-supervised re-scorer" if det.rescorer is not None else "defect-type classifier"
+    parts = [
+        label
+        for label, held in (
+            ("semi-supervised re-scorer", det.rescorer is not None),
+            ("defect-type classifier", det.classifier is not None),
+            (
+                "mask head learned from defect masks",
+                getattr(det.model, "mask_head_", None) is not None,
+            ),
+        )
+        if held
+    ]
+    if parts:
+        part = parts[0]
         raise ExportError(
             f"this {name} model holds a {part}, which cannot be exported to ONNX yet; "
             "export a plain anomaly model"
