@@ -35,16 +35,20 @@ def machine() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, plus "(+ uncommitted changes)" when tracked files differ
+    from it: a figure is then not exactly the commit's."""
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head} (+ uncommitted changes)" if dirty else head
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @dataclass

@@ -127,7 +127,7 @@ def main() -> None:
         "- command: `python benchmarks/decide_magnetic_tile.py"
         + (f" --model {args.model}`" if args.model else "`")
         + f" (model: {fit_note}, default settings: `defectkit fit {args.data.name} --out ...`)",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()} (+ working tree)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}",
         f"- machine: {machine()}; OMP_NUM_THREADS={threads}; load average before the run "
         f"{load} (shared machine)",
         f"- image threshold {thr.get('value', float('nan')):.4g} (rule {thr.get('rule')}, target "

@@ -93,7 +93,7 @@ def main() -> None:
         f"## Export: ONNX bundle vs PyTorch, `{args.method}` on magnetic-tile",
         "",
         f"- command: `python benchmarks/export_onnx.py --method {args.method}` (commit "
-        f"{git_commit()}, uncommitted changes may apply); model {fit_note}",
+        f"{git_commit()}); model {fit_note}",
         f"- settings: {params}",
         f"- machine: {machine()}; load average before/after {load_before[0]:.1f} / "
         f"{load_after[0]:.1f} (a shared machine: other jobs ran at the same time, so wall "

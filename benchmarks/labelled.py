@@ -47,7 +47,7 @@ def header(title: str, command: str, note: str) -> list[str]:
         f"## {title}",
         "",
         f"- command: `{command}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()} (+ working tree)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}",
         f"- machine: {machine()}; OMP_NUM_THREADS={threads}; load average at the start "
         f"{load} (shared machine)",
         *([f"- note: {note}"] if note else []),

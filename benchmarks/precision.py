@@ -102,7 +102,7 @@ def main() -> None:
         f"## Backbone precision: `{args.method}` on magnetic-tile, float32 vs bfloat16",
         "",
         f"- command: `python benchmarks/precision.py --method {args.method}` (commit "
-        f"{git_commit()}, uncommitted changes may apply); model {fit_note}",
+        f"{git_commit()}); model {fit_note}",
         f"- machine: {machine()}; load average before/after {load_before[0]:.1f} / "
         f"{load_after[0]:.1f} (shared machine)",
         f"- {n} test images; end to end is `defectkit inspect MODEL test/ -q --precision P`, "

@@ -151,8 +151,7 @@ def main() -> None:
         "",
         f"- command: `python benchmarks/service_load.py --clients {args.clients} "
         f"--seconds {args.seconds:.0f}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"commit {git_commit()} (+ working tree)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {git_commit()}",
         f"- machine: {machine()}",
         f"- data: {len(paths)} test images of {args.data.name}, posted round-robin; "
         "model: default `defectkit fit` settings; SQLite (WAL) store; "

@@ -93,7 +93,7 @@ def main() -> None:
         "## Tiling: one 4096x4096 image (`score_tiled`)",
         "",
         f"- command: `python benchmarks/tiling.py --tile {args.tile} --image-size "
-        f"{args.image_size}` (commit {git_commit()}, uncommitted changes may apply)",
+        f"{args.image_size}` (commit {git_commit()})",
         f"- machine: {machine()}; load average before/after {load_before[0]:.1f} / "
         f"{load_after[0]:.1f} (shared machine: other jobs ran at the same time)",
         f"- {n_tiles} tiles of {args.tile} px, overlap {default_overlap(args.tile)} px, "
