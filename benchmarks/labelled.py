@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _record import SHARED_DATA, git_commit, machine, record, run_cli
+from _record import SHARED_DATA, git_commit, machine, publish, run_cli
 
 from defectkit.data.datasets import read_mvtec
 from defectkit.data.labelled import MVTEC_TYPE_SPLIT, first_per_class, read_mvtec_types, select
@@ -54,8 +54,10 @@ def header(title: str, command: str, note: str) -> list[str]:
     ]
 
 
-def table(rows: list[tuple[str, str, str]]) -> list[str]:
-    return ["| figure | value | target |", "|---|---|---|"] + [
+def table(
+    rows: list[tuple[str, str, str]], figure: str = "figure", target: str = "target"
+) -> list[str]:
+    return [f"| {figure} | value | {target} |", "|---|---|---|"] + [
         f"| {a} | {b} | {c} |" for a, b, c in rows
     ]
 
@@ -119,9 +121,7 @@ def bench_neu(args: argparse.Namespace, tmp: Path) -> None:
         "",
         *confusion(r),
     ]
-    print("\n".join(body))
-    if not args.no_record:
-        record("labelled-neu", "\n".join(body))
+    publish("labelled-neu", body, record_it=not args.no_record)
 
 
 def bench_types(args: argparse.Namespace, tmp: Path) -> None:
@@ -152,9 +152,7 @@ def bench_types(args: argparse.Namespace, tmp: Path) -> None:
         "",
         *confusion(r),
     ]
-    print("\n".join(body))
-    if not args.no_record:
-        record("labelled-types", "\n".join(body))
+    publish("labelled-types", body, record_it=not args.no_record)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -184,16 +182,25 @@ def _labelled_split(data: Path, tmp: Path) -> tuple[list, Path, Path, Path, dict
     return labelled, rest, defects, masks, n_per_type
 
 
-def bench_semi(args: argparse.Namespace, tmp: Path) -> None:
-    labelled, rest, defects, _, n_per_type = _labelled_split(args.tile, tmp / "semi")
-
+def _fit_and_evaluate(rest: Path, runs: dict[str, list[str]], tmp: Path) -> dict[str, tuple]:
+    """Per run name: (fit's CLI result, evaluate's JSON, the model's info, evaluate's CLI
+    result), for `defectkit fit REST` with each run's extra options."""
     results = {}
-    for name, extra in (("unsupervised", []), ("semi-supervised", ["--defects", str(defects)])):
-        model = tmp / f"{name}.dkm"
+    for name, extra in runs.items():
+        model = tmp / f"{name.replace(' ', '-')}.dkm"
         fit = run_cli(["fit", str(rest), "--out", str(model), "-q", *extra])
         ev = run_cli(["evaluate", str(model), str(rest), "--format", "json", "-q"])
         info = json.loads(run_cli(["info", str(model)]).stdout)
         results[name] = (fit, json.loads(ev.stdout), info, ev)
+    return results
+
+
+def bench_semi(args: argparse.Namespace, tmp: Path) -> None:
+    labelled, rest, defects, _, n_per_type = _labelled_split(args.tile, tmp / "semi")
+
+    results = _fit_and_evaluate(
+        rest, {"unsupervised": [], "semi-supervised": ["--defects", str(defects)]}, tmp
+    )
     u, s = results["unsupervised"][1], results["semi-supervised"][1]
     semi_info = results["semi-supervised"][2]
     settings = [results[k][2]["params"] for k in ("unsupervised", "semi-supervised")]
@@ -265,13 +272,9 @@ def bench_semi(args: argparse.Namespace, tmp: Path) -> None:
         f"{semi.get('labelled_anomaly_auroc', float('nan')):.4f} for the anomaly score; "
         f"evidence weights {json.dumps(weights)}",
         "",
-        "| figure (unsupervised -> semi-supervised) | value | target |",
-        "|---|---|---|",
-        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        *table(rows, "figure (unsupervised -> semi-supervised)"),
     ]
-    print("\n".join(body))
-    if not args.no_record:
-        record("labelled-semi", "\n".join(body))
+    publish("labelled-semi", body, record_it=not args.no_record)
 
 
 def bench_masks(args: argparse.Namespace, tmp: Path) -> None:
@@ -281,13 +284,7 @@ def bench_masks(args: argparse.Namespace, tmp: Path) -> None:
         "unsupervised": [],
         "with masks": ["--defects", str(defects), "--defect-masks", str(masks)],
     }
-    results = {}
-    for name, extra in runs.items():
-        model = tmp / f"masks-{name.replace(' ', '-')}.dkm"
-        fit = run_cli(["fit", str(rest), "--out", str(model), "-q", *extra])
-        ev = run_cli(["evaluate", str(model), str(rest), "--format", "json", "-q"])
-        info = json.loads(run_cli(["info", str(model)]).stdout)
-        results[name] = (fit, json.loads(ev.stdout), info, ev)
+    results = _fit_and_evaluate(rest, runs, tmp)
     u, s = results["unsupervised"][1], results["with masks"][1]
     head = results["with masks"][2].get("mask_head", {})
     good_u, good_s = u["recall_per_type"].get("good"), s["recall_per_type"].get("good")
@@ -328,15 +325,11 @@ def bench_masks(args: argparse.Namespace, tmp: Path) -> None:
         "--defect-masks MASKS --out ...` (default settings otherwise)",
         f"- mask head: {json.dumps(head)}",
         "- the targets are #2's floors for good-only learning, shown for reference: this "
-        "model also learned from 25 masks",
+        f"model also learned from {len(labelled)} masks",
         "",
-        "| figure (unsupervised -> with masks) | value | floor |",
-        "|---|---|---|",
-        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        *table(rows, "figure (unsupervised -> with masks)", "floor"),
     ]
-    print("\n".join(body))
-    if not args.no_record:
-        record("labelled-masks", "\n".join(body))
+    publish("labelled-masks", body, record_it=not args.no_record)
 
 
 def _recall_all(m: dict, n_per_type: dict[str, int]) -> float:
