@@ -38,6 +38,7 @@ from defectkit.decide.severity import SeverityRules
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods import AnomalyModel, ScoreResult, get_method
 from defectkit.methods.base import Image, Progress, check_images
+from defectkit.methods.parts.mask_head import check_masks
 from defectkit.model_file import ModelFile, read_model, write_model
 
 MODEL_SUFFIX = ".dkm"
@@ -97,14 +98,7 @@ def _check_mask_head(
             f"defect masks teach a mask head to methods with patch features (patchcore), "
             f"not {model.name}"
         )
-    if defect_images is None or len(masks) != len(defect_images):
-        n = 0 if defect_images is None else len(defect_images)
-        raise ConfigError(f"{len(masks)} defect masks for {n} defect images; give one per image")
-    for i, ((h, w), m) in enumerate(zip(image_shapes(defect_images), masks, strict=True)):
-        if np.shape(m) != (h, w):
-            raise ConfigError(
-                f"defect mask {i} is {np.shape(m)[::-1]} (width, height), its image ({w}, {h})"
-            )
+    check_masks(image_shapes(defect_images or []), masks)
 
 
 def split_for_calibration(

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DILATIONS", "MaskHead", "grid_mask", "train_mask_head"]
+__all__ = ["DILATIONS", "MaskHead", "check_masks", "grid_mask", "train_mask_head"]
 
 #: dilations of the head's 3x3 convolutions
 DILATIONS = (1, 2, 4)
@@ -57,6 +57,20 @@ class MaskHead(nn.Module):
             h = F.relu(conv(h)) + h
         whole = F.relu(self.image(x.mean((2, 3), keepdim=True))).expand_as(h)
         return self.out(torch.cat([h, h - whole], 1))
+
+
+def check_masks(shapes: Sequence[tuple[int, int]], masks: Sequence[np.ndarray]) -> None:
+    """Raise :class:`~defectkit.errors.ConfigError` unless there is one mask of each
+    image's (height, width) in ``shapes``."""
+    from defectkit.errors import ConfigError
+
+    if len(masks) != len(shapes):
+        raise ConfigError(f"{len(masks)} defect masks for {len(shapes)} defect images")
+    for i, ((h, w), m) in enumerate(zip(shapes, masks, strict=True)):
+        if np.shape(m) != (h, w):
+            raise ConfigError(
+                f"defect mask {i} is {np.shape(m)[::-1]} (width, height), its image ({w}, {h})"
+            )
 
 
 def grid_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
