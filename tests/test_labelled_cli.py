@@ -381,12 +381,14 @@ def test_fit_with_defect_masks(demo_root: Path, tmp_path: Path) -> None:
     model = tmp_path / "masks.dkm"
     args = ["fit", str(demo_root), "--out", str(model), *FAST, "--calibration-fraction", "0.4"]
     masks = demo_root / "ground_truth"
-    res = runner.invoke(app, [*args, "--defects", str(defects), "--defect-masks", str(masks)])
+    head = ["--defect-masks", str(masks), "--mask-head-param", "steps=200"]
+    res = runner.invoke(app, [*args, "--defects", str(defects), *head])
     assert res.exit_code == 0, res.output
     assert "mask head learned from 6 defect masks" in said(res)
     det = Detector.load(model)
     assert det.model.mask_head_ is not None
     assert det.info["mask_head"]["n_defect_images"] == 6
+    assert det.info["mask_head"]["params"] == {"steps": 200}
     assert det.info["defect_masks_data"] == str(masks)
     recs = lines(runner.invoke(app, ["inspect", str(model), str(demo_root / "test"), "-q"]))
     assert recs and all(r["error"] is None for r in recs)
@@ -408,11 +410,15 @@ def test_bad_defect_masks_exit_2(demo_root: Path, tmp_path: Path) -> None:
         save_png(small / p.name, np.zeros((8, 8), bool))
     out = ["--out", str(tmp_path / "m.dkm"), *FAST, "--calibration-fraction", "0.4"]
     with_defects = ["--defects", str(defects)]
+    all_masks = [*with_defects, "--defect-masks", str(demo_root / "ground_truth")]
     cases = [
         (["--defect-masks", str(demo_root / "ground_truth")], "needs --defects"),
         ([*with_defects, "--defect-masks", str(tmp_path / "none")], "is not a folder"),
         ([*with_defects, "--defect-masks", str(partial.parent)], f"no mask file {gt[0].stem}"),
         ([*with_defects, "--defect-masks", str(small.parent)], "does not match image size"),
+        ([*with_defects, "--mask-head-param", "steps=5"], "needs --defect-masks"),
+        ([*all_masks, "--mask-head-param", "steps=0"], "steps must be a whole number >= 1"),
+        ([*all_masks, "--mask-head-param", "depth=3"], "mask head has no setting(s) ['depth']"),
     ]
     for extra, message in cases:
         res = runner.invoke(app, ["fit", str(demo_root), *out, *extra])

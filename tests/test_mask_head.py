@@ -11,7 +11,12 @@ from defectkit.decide.calibration import threshold_for_false_alarm_rate
 from defectkit.detector import Detector, split_for_calibration
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.export.onnx_bundle import ExportError, check_exportable
-from defectkit.methods.parts.mask_head import MaskHead, grid_mask, train_mask_head
+from defectkit.methods.parts.mask_head import (
+    MaskHead,
+    check_settings,
+    grid_mask,
+    train_mask_head,
+)
 from defectkit.metrics import image_auroc
 from defectkit.model_file import ModelFile, read_model, write_model
 
@@ -81,6 +86,20 @@ def test_grid_mask_is_the_share_of_each_cell() -> None:
     mask[:, :30] = True  # 3/4 of the second cell column of 20 px
     share = grid_mask(mask, (2, 4))
     np.testing.assert_allclose(share, [[1, 0.5, 0, 0], [1, 0.5, 0, 0]])
+
+
+def test_settings_are_checked() -> None:
+    check_settings({"weight": 2, "hidden": 8, "steps": 10, "max_goods": 3})
+    check_settings({})
+    cases = [
+        ({"depth": 3}, r"no setting\(s\) \['depth'\]"),
+        ({"weight": 0}, "weight must be a number > 0"),
+        ({"steps": 0.5}, "steps must be a whole number >= 1"),
+        ({"hidden": True}, "hidden must be a whole number >= 1"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check_settings(settings)
 
 
 def test_bad_training_inputs_are_refused() -> None:
@@ -173,6 +192,16 @@ def test_masks_are_checked_before_fitting(surface_set: dict) -> None:
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             Detector.fit(train, "patchcore", FAST, calibration_fraction=0.25, **kwargs)
+    with pytest.raises(ConfigError, match="steps must be"):
+        Detector.fit(
+            train,
+            "patchcore",
+            FAST,
+            calibration_fraction=0.25,
+            defect_images=bad[:1],
+            defect_masks=masks[:1],
+            mask_head_params={"steps": -1},
+        )
     with pytest.raises(ConfigError, match="not padim"):
         Detector.fit(
             train, "padim", {"image_size": 64}, defect_images=bad[:1], defect_masks=masks[:1]

@@ -214,6 +214,13 @@ def fit(
             "are and joins the maps (patchcore)"
         ),
     ] = None,
+    mask_head_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mask-head-param",
+            help="mask head setting NAME=VALUE (--defect-masks): weight, hidden, steps, max_goods",
+        ),
+    ] = None,
     tile: Annotated[
         int | None,
         typer.Option(
@@ -245,6 +252,7 @@ def fit(
     from defectkit.data.files import load_within
     from defectkit.detector import Detector
     from defectkit.methods import DEFAULT_METHOD, get_method
+    from defectkit.methods.parts.mask_head import check_settings
 
     manifest = _resolve_manifest(manifest, data)
     if method == CLASSIFIER_METHOD:
@@ -255,6 +263,7 @@ def fit(
                 ("--classifier-param", bool(classifier_param)),
                 ("--defects", defects is not None),
                 ("--defect-masks", defect_masks is not None),
+                ("--mask-head-param", bool(mask_head_param)),
                 ("--calibration-dir", calibration_dir is not None),
                 ("--tile", tile is not None),
             )
@@ -316,6 +325,10 @@ def fit(
             _check_classifier_params(classifier_params)
         defect_paths = _defect_paths(defects, paths, calibration_fraction, calibration_dir)
         mask_paths = _mask_paths(defect_masks, defect_paths)
+        mask_head_params = _parse_params(mask_head_param)
+        if mask_head_param and mask_paths is None:
+            raise _fail("--mask-head-param needs --defect-masks")
+        check_settings(mask_head_params)
         tiling = _tiling_options(tile, tile_overlap, tile_blend)
         if tiling is not None:
             if defects is not None or classify_types:
@@ -386,6 +399,7 @@ def fit(
                     defect_paths=defect_ok,
                     map_memory=budget,
                     defect_masks=masks,
+                    mask_head_params=mask_head_params,
                 )
             if type_items is not None:
                 from defectkit.classify.workflow import fit_classifier

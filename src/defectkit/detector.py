@@ -38,7 +38,7 @@ from defectkit.decide.severity import SeverityRules
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods import AnomalyModel, ScoreResult, get_method
 from defectkit.methods.base import Image, Progress, check_images
-from defectkit.methods.parts.mask_head import check_masks
+from defectkit.methods.parts.mask_head import check_masks, check_settings
 from defectkit.model_file import ModelFile, read_model, write_model
 
 MODEL_SUFFIX = ".dkm"
@@ -90,15 +90,20 @@ def _as_sequence(images: Sequence[Image]) -> Sequence[Image]:
 
 
 def _check_mask_head(
-    model: AnomalyModel, defect_images: Sequence[Image] | None, masks: Sequence[np.ndarray]
+    model: AnomalyModel,
+    defect_images: Sequence[Image] | None,
+    masks: Sequence[np.ndarray],
+    settings: dict[str, Any],
 ) -> None:
-    """Refuse defect masks that cannot teach ``model`` a mask head, before fitting."""
+    """Refuse defect masks (or settings) that cannot teach ``model`` a mask head,
+    before fitting."""
     if not hasattr(model, "fit_mask_head"):
         raise ConfigError(
             f"defect masks teach a mask head to methods with patch features (patchcore), "
             f"not {model.name}"
         )
     check_masks(image_shapes(defect_images or []), masks)
+    check_settings(settings)
 
 
 def split_for_calibration(
@@ -209,7 +214,7 @@ class Detector:
         if not fit_set:
             raise ConfigError("no good images to fit on")
         if defect_masks is not None:
-            _check_mask_head(model, defect_images, defect_masks)
+            _check_mask_head(model, defect_images, defect_masks, mask_head_params or {})
         t0 = time.perf_counter()
         model.fit(fit_set, progress=progress)
         fit_s = time.perf_counter() - t0

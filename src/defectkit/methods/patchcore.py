@@ -24,7 +24,13 @@ from defectkit.methods.parts.embedding import patch_embedding, with_position
 from defectkit.methods.parts.extract import feature_batches
 from defectkit.methods.parts.knn import NearestNeighbours
 from defectkit.methods.parts.maps import upsample_map
-from defectkit.methods.parts.mask_head import MaskHead, check_masks, grid_mask, train_mask_head
+from defectkit.methods.parts.mask_head import (
+    MaskHead,
+    check_masks,
+    check_settings,
+    grid_mask,
+    train_mask_head,
+)
 from defectkit.methods.parts.photometric import check_mode, mode_from_file
 from defectkit.methods.parts.resize import fit_size
 
@@ -335,8 +341,7 @@ class PatchCore(AnomalyModel):
         (``benchmarks/labelled.py``, with the re-scorer of ``--defects`` too).
         """
         self._require_fitted()
-        if weight <= 0 or hidden < 1 or steps < 1 or max_goods < 1:
-            raise ConfigError("mask head: weight must be > 0; hidden, steps, max_goods >= 1")
+        check_settings({"weight": weight, "hidden": hidden, "steps": steps, "max_goods": max_goods})
         defects = check_images(defects)
         goods = check_images(goods)
         check_masks(image_shapes(defects), masks)

@@ -30,10 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DILATIONS", "MaskHead", "check_masks", "grid_mask", "train_mask_head"]
+__all__ = [
+    "DILATIONS",
+    "SETTINGS",
+    "MaskHead",
+    "check_masks",
+    "check_settings",
+    "grid_mask",
+    "train_mask_head",
+]
 
 #: dilations of the head's 3x3 convolutions
 DILATIONS = (1, 2, 4)
+#: a method's mask head settings and their defaults (PatchCore.fit_mask_head)
+SETTINGS: dict[str, float | int] = {"weight": 15.0, "hidden": 32, "steps": 800, "max_goods": 200}
 
 
 class MaskHead(nn.Module):
@@ -57,6 +67,25 @@ class MaskHead(nn.Module):
             h = F.relu(conv(h)) + h
         whole = F.relu(self.image(x.mean((2, 3), keepdim=True))).expand_as(h)
         return self.out(torch.cat([h, h - whole], 1))
+
+
+def check_settings(settings: dict[str, object]) -> None:
+    """Raise :class:`~defectkit.errors.ConfigError` for an unknown mask head setting or
+    a value out of range (``weight`` > 0; the others whole numbers >= 1)."""
+    from defectkit.errors import ConfigError
+
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"mask head has no setting(s) {unknown}; known: {sorted(SETTINGS)}")
+    for key, value in settings.items():
+        if key == "weight":
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            want = "a number > 0"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            want = "a whole number >= 1"
+        if not ok:
+            raise ConfigError(f"mask head setting {key} must be {want}, got {value!r}")
 
 
 def check_masks(shapes: Sequence[tuple[int, int]], masks: Sequence[np.ndarray]) -> None:
