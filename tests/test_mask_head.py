@@ -188,20 +188,18 @@ def test_masks_are_checked_before_fitting(surface_set: dict) -> None:
     cases = [
         ({"defect_images": bad[:2], "defect_masks": masks[:1]}, "1 defect masks for 2"),
         ({"defect_images": bad[:1], "defect_masks": [masks[0][:50]]}, "defect mask 0 is"),
+        (
+            {
+                "defect_images": bad[:1],
+                "defect_masks": masks[:1],
+                "mask_head_params": {"steps": -1},
+            },
+            "steps must be",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             Detector.fit(train, "patchcore", FAST, calibration_fraction=0.25, **kwargs)
-    with pytest.raises(ConfigError, match="steps must be"):
-        Detector.fit(
-            train,
-            "patchcore",
-            FAST,
-            calibration_fraction=0.25,
-            defect_images=bad[:1],
-            defect_masks=masks[:1],
-            mask_head_params={"steps": -1},
-        )
     with pytest.raises(ConfigError, match="not padim"):
         Detector.fit(
             train, "padim", {"image_size": 64}, defect_images=bad[:1], defect_masks=masks[:1]
