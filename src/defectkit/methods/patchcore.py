@@ -347,7 +347,8 @@ class PatchCore(AnomalyModel):
         check_masks(image_shapes(defects), masks)
         step = max(1, -(-len(goods) // max_goods))
         goods = take(goods, range(0, len(goods), step))
-        features = self._features_without_position(defects, progress, "mask head: defects")
+        embedded = self._embed_batches(defects, progress, "mask head: defects")
+        features = [self._strip_position(embedded[i]) for i in range(len(defects))]
         grids = [
             grid_mask(np.asarray(m, bool), f.shape[:2])
             for m, f in zip(masks, features, strict=True)
@@ -367,14 +368,6 @@ class PatchCore(AnomalyModel):
 
     def _strip_position(self, e: np.ndarray) -> np.ndarray:
         return e[..., :-2] if self.position_weight > 0 else e
-
-    def _features_without_position(
-        self, images: Sequence[Image], progress: Progress | None, stage: str
-    ) -> list[np.ndarray]:
-        out: list[np.ndarray] = [np.empty(0)] * len(images)
-        for i, e in self._iter_embeddings(images, progress, stage):
-            out[i] = self._strip_position(e)
-        return out
 
     def _mask_probability(self, e: np.ndarray) -> np.ndarray | None:
         """The mask head's defect probability per grid cell, or None without a head."""

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectkit.errors import ConfigError
+
 __all__ = [
     "DILATIONS",
     "SETTINGS",
@@ -42,8 +44,8 @@ __all__ = [
 
 #: dilations of the head's 3x3 convolutions
 DILATIONS = (1, 2, 4)
-#: a method's mask head settings and their defaults (PatchCore.fit_mask_head)
-SETTINGS: dict[str, float | int] = {"weight": 15.0, "hidden": 32, "steps": 800, "max_goods": 200}
+#: the mask head settings a method takes (defaults: PatchCore.fit_mask_head)
+SETTINGS = ("weight", "hidden", "steps", "max_goods")
 
 
 class MaskHead(nn.Module):
@@ -72,8 +74,6 @@ class MaskHead(nn.Module):
 def check_settings(settings: dict[str, object]) -> None:
     """Raise :class:`~defectkit.errors.ConfigError` for an unknown mask head setting or
     a value out of range (``weight`` > 0; the others whole numbers >= 1)."""
-    from defectkit.errors import ConfigError
-
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"mask head has no setting(s) {unknown}; known: {sorted(SETTINGS)}")
@@ -91,8 +91,6 @@ def check_settings(settings: dict[str, object]) -> None:
 def check_masks(shapes: Sequence[tuple[int, int]], masks: Sequence[np.ndarray]) -> None:
     """Raise :class:`~defectkit.errors.ConfigError` unless there is one mask of each
     image's (height, width) in ``shapes``."""
-    from defectkit.errors import ConfigError
-
     if len(masks) != len(shapes):
         raise ConfigError(f"{len(masks)} defect masks for {len(shapes)} defect images")
     for i, ((h, w), m) in enumerate(zip(shapes, masks, strict=True)):
@@ -134,25 +132,25 @@ def train_mask_head(
     pooled = np.concatenate([g.reshape(-1, channels) for g in (*defects, *goods)])
     with torch.random.fork_rng():  # seeded init and dropout, global RNG left alone
         torch.manual_seed(seed)
-        return _fit(defects, masks, goods, pooled, channels, hidden, steps, batch, lr, seed)
+        head = MaskHead(channels, hidden)
+        with torch.no_grad():
+            head.mean.copy_(torch.from_numpy(pooled.mean(0)).view(1, -1, 1, 1))
+            head.std.copy_(torch.from_numpy(pooled.std(0) + 1e-6).view(1, -1, 1, 1))
+        _train(head, defects, masks, goods, steps=steps, batch=batch, lr=lr, seed=seed)
+    return head
 
 
-def _fit(
+def _train(
+    head: MaskHead,
     defects: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
     goods: Sequence[np.ndarray],
-    pooled: np.ndarray,
-    channels: int,
-    hidden: int,
+    *,
     steps: int,
     batch: int,
     lr: float,
     seed: int,
-) -> MaskHead:
-    head = MaskHead(channels, hidden)
-    with torch.no_grad():
-        head.mean.copy_(torch.from_numpy(pooled.mean(0)).view(1, -1, 1, 1))
-        head.std.copy_(torch.from_numpy(pooled.std(0) + 1e-6).view(1, -1, 1, 1))
+) -> None:
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-3)
     head.train()
@@ -175,11 +173,10 @@ def _fit(
         loss.backward()
         opt.step()
     head.eval()
-    return head
 
 
 def _batch_loss(head: MaskHead, items: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
-    """Mean binary cross-entropy; grids of one size run as one batch, others one by one."""
+    """Mean binary cross-entropy per cell; the grids of each size run as one batch."""
 
     def tensors(group: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.stack([g[0] for g in group])).permute(0, 3, 1, 2)
