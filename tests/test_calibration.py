@@ -12,8 +12,11 @@ import pytest
 from scipy.stats import binomtest
 
 from defectkit.decide.calibration import (
+    MIN_TAIL_SCORES,
     Threshold,
+    calibration_warning,
     clopper_pearson_upper,
+    images_to_certify,
     threshold_for_f1,
     threshold_for_false_alarm_rate,
     threshold_for_miss_rate,
@@ -124,6 +127,63 @@ def test_tiny_calibration_sets_use_the_max(n, rate):
     assert thr.n_good == n
     assert thr.false_alarm_rate == 0.0
     assert thr.false_alarm_upper == pytest.approx(1 - 0.05 ** (1 / n))  # and says how weak
+
+
+@pytest.mark.parametrize("n", [8, 24, 60])
+def test_tail_threshold_holds_the_rate_where_the_max_does_not(n):
+    # log-normal good scores, too few for the conformal rank at 1%: the tail's
+    # prediction bound keeps the expected rate on fresh good parts near 1%, while
+    # the largest score alone lets through about 1 / (n + 1) of them
+    rng = np.random.default_rng(n)
+    rate, trials = 0.01, 1500
+    tail, top = np.empty(trials), np.empty(trials)
+    for i in range(trials):
+        s = np.exp(rng.normal(3.0, 0.2, size=n))
+        thr = threshold_for_false_alarm_rate(s, rate)
+        assert thr.estimator == "tail" and thr.value > s.max()
+        # the fitted bound, or the largest score where that is above it
+        assert thr.tail_rate == pytest.approx(rate, rel=1e-6) or thr.value == np.nextafter(
+            s.max(), np.inf
+        )
+        fresh = np.exp(rng.normal(3.0, 0.2, size=2000))
+        tail[i] = np.mean(fresh >= thr.value)
+        top[i] = np.mean(fresh >= threshold_for_false_alarm_rate(s, rate, tail=False).value)
+    assert 0.006 <= tail.mean() <= 0.013
+    assert top.mean() == pytest.approx(1 / (n + 1), rel=0.15)
+
+
+def test_tail_threshold_never_below_the_largest_score():
+    # an outlier above the fitted tail's bound still passes
+    s = np.r_[np.full(20, 10.0) + np.linspace(0, 1, 20), 1000.0]
+    thr = threshold_for_false_alarm_rate(s, 0.01)
+    assert thr.estimator == "tail" and thr.value == np.nextafter(1000.0, np.inf)
+    assert thr.tail_rate < 0.01
+
+
+def test_tail_threshold_on_scores_with_negatives_fits_a_normal():
+    s = np.random.default_rng(3).normal(0.0, 1.0, size=30)
+    thr = threshold_for_false_alarm_rate(s, 0.01)
+    assert thr.estimator == "tail"
+    from scipy.stats import t as student_t
+
+    expected = s.mean() + student_t.ppf(0.99, 29) * s.std(ddof=1) * math.sqrt(1 + 1 / 30)
+    assert thr.value == pytest.approx(max(expected, s.max()), rel=1e-9)
+
+
+def test_estimator_and_what_the_calibration_can_certify():
+    assert images_to_certify(0.01) == 299 and images_to_certify(0.05) == 59
+    assert clopper_pearson_upper(0, 299) <= 0.01 < clopper_pearson_upper(0, 298)
+    big = threshold_for_false_alarm_rate(np.arange(200.0), 0.01)
+    assert big.estimator == "conformal" and big.tail_rate is None
+    assert big.n_to_certify == 299 and calibration_warning(big) is None
+    few = threshold_for_false_alarm_rate(np.arange(1.0, MIN_TAIL_SCORES), 0.01)
+    assert few.estimator == "max"
+    small = threshold_for_false_alarm_rate(np.linspace(1, 2, 24), 0.01)
+    text = calibration_warning(small)
+    assert "24 held-out good image(s) cannot certify a 1.0%" in text
+    assert "11.7%" in text and "299 would be needed" in text and "log-normal tail" in text
+    assert "fewer than 8" in calibration_warning(few)
+    assert Threshold.from_dict(small.to_dict()) == small
 
 
 def test_large_rate_on_tiny_set():

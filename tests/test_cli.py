@@ -34,6 +34,31 @@ def test_fit_writes_a_model_with_a_calibrated_threshold(fitted: Path) -> None:
     assert info["n_fit_images"] == 12
 
 
+def test_info_says_what_the_calibration_can_certify(fitted: Path) -> None:
+    info = json.loads(runner.invoke(app, ["info", str(fitted)]).stdout)
+    cal = info["calibration"]
+    assert cal["n_good"] == 4 and cal["estimator"] == "max" and cal["n_to_certify"] == 299
+    assert cal["false_alarm_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 4))
+    assert "4 held-out good image(s) cannot certify a 1.0% false-alarm rate" in cal["warning"]
+    assert info["calibration_scores"] == "4 scores (`defectkit info --full` lists them)"
+
+
+def test_fit_warns_and_fits_a_tail_when_too_few_images_hold_out(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.dkm"
+    args = ["fit", str(demo_root), "--out", str(model), "-q", "-p", "image_size=96"]
+    res = runner.invoke(app, [*args, "-p", "coreset_ratio=0.1", "--calibration-fraction", "0.5"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "warning: 8 held-out good image(s) cannot certify a 1.0% false-alarm rate" in text
+    assert "log-normal tail" in text and "defectkit calibrate MODEL GOOD_DIR" in text
+    info = json.loads(runner.invoke(app, ["info", str(model), "--full"]).stdout)
+    assert info["threshold"]["estimator"] == "tail"
+    scores = info["calibration_scores"]
+    assert len(scores) == 8 and info["threshold"]["value"] > max(scores)
+
+
 def test_inspect_jsonl_one_line_per_image_in_sorted_order(
     fitted: Path, demo_root: Path, tmp_path: Path
 ) -> None:

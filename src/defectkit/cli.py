@@ -250,6 +250,7 @@ def fit(
     from defectkit.data.batches import load_all
     from defectkit.data.datasets import fit_images, list_images
     from defectkit.data.files import load_within
+    from defectkit.decide.calibration import calibration_warning
     from defectkit.detector import Detector
     from defectkit.methods import DEFAULT_METHOD, get_method
     from defectkit.methods.parts.mask_head import check_settings
@@ -441,6 +442,9 @@ def fit(
             f"rate {thr.false_alarm_upper:.1%})",
             highlight=False,
         )
+        warning = calibration_warning(thr)
+        if warning is not None:
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     pthr = det.pixel_threshold
     if pthr is not None:
         err.print(
@@ -1510,6 +1514,7 @@ def calibrate(
     Rewrites the model file's thresholds atomically (or writes --out).
     """
     from defectkit.decide.calibration import (
+        calibration_warning,
         pixel_threshold_for_false_regions,
         threshold_for_f1,
         threshold_for_false_alarm_rate,
@@ -1588,6 +1593,9 @@ def calibrate(
         f"miss rate {miss}) -> {written}",
         highlight=False,
     )
+    warning = calibration_warning(new)
+    if warning is not None:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if scored.errors:
         raise typer.Exit(EXIT_FILES_FAILED)
 

@@ -27,7 +27,9 @@ from defectkit.data.files import DEFAULT_IMAGE_MEMORY, ImageFiles, image_shapes,
 from defectkit.decide.calibration import (
     PixelThreshold,
     Threshold,
+    calibration_warning,
     pixel_threshold_for_false_regions,
+    rounded_scores,
     threshold_for_false_alarm_rate,
 )
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
@@ -279,6 +281,11 @@ class Detector:
             ]
         if cal_paths is not None:
             info["calibration_images"] = [os.path.abspath(p) for p in cal_paths]
+        if cal_set:
+            # the scores the image threshold was set on (a later calibrate or an audit
+            # can compare other rules on them), in calibration-image order
+            set_on = cal_scores if rescorer is None else found.good_oof
+            info["calibration_scores"] = rounded_scores(set_on)
         if semi is not None:
             info["semi_supervised"] = semi
         if mask_info is not None:
@@ -401,7 +408,8 @@ class Detector:
         The box is the patch's grid cell scaled to that image's pixels (cell *
         image size / grid size). The grid of the training image is taken from the
         evidence when the method gives it, else it is the scored image's grid, which
-        holds when every image is resized to one network size (``keep_aspect`` off).
+        holds when every image is resized to one network size (``keep_aspect`` not
+        true: squashed, or the model's one working aspect).
         """
         if not extra or "nearest_good" not in extra:
             return None
@@ -412,7 +420,7 @@ class Detector:
             return None
         src = fit_images[i]
         grid = ng.get("grid")
-        if grid is None and not getattr(self.model, "keep_aspect", False):
+        if grid is None and getattr(self.model, "keep_aspect", False) is not True:
             grid = extra.get("grid")
         row, col = ng.get("grid_row"), ng.get("grid_col")
         bbox = None
@@ -551,9 +559,10 @@ class Detector:
         """What the model holds; long path lists are summarised unless ``full``."""
         info = dict(self.info)
         if not full:
-            for key in ("fit_images", "calibration_images"):
+            for key in ("fit_images", "calibration_images", "calibration_scores"):
                 if key in info:
-                    info[key] = f"{len(info[key])} paths (`defectkit info --full` lists them)"
+                    what = "scores" if key.endswith("scores") else "paths"
+                    info[key] = f"{len(info[key])} {what} (`defectkit info --full` lists them)"
         out = {
             "method": self.model.name,
             "params": self.model.get_params(),
@@ -562,6 +571,7 @@ class Detector:
                 None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
             ),
             **info,
+            "calibration": _calibration_summary(self.threshold),
             "defectkit_version_running": __version__,
         }
         if self.classifier is not None:
@@ -578,6 +588,25 @@ class Detector:
 
 
 _CLASSIFIER = "classifier."
+
+
+def _calibration_summary(thr: Threshold | None) -> dict[str, Any] | None:
+    """How far the image threshold can be trusted, in one place for ``info`` and the
+    service's ``/model``: the held-out images that set it, how, and the 95% bound."""
+    if thr is None:
+        return None
+    return {
+        "n_good": thr.n_good,
+        "n_defect": thr.n_defect,
+        "rule": thr.rule,
+        "target": thr.target,
+        "estimator": thr.estimator,
+        "false_alarm_upper_95": thr.false_alarm_upper,
+        "n_to_certify": thr.n_to_certify,
+        "warning": calibration_warning(thr),
+    }
+
+
 _RESCORER = "rescorer."
 
 

@@ -211,6 +211,7 @@ def calibrate_tiled(
     ``det``. The region size floor stays the detector's."""
     from defectkit.decide.calibration import (
         pixel_threshold_for_false_regions,
+        rounded_scores,
         threshold_for_false_alarm_rate,
     )
 
@@ -222,4 +223,5 @@ def calibrate_tiled(
         res.maps, max_false_regions, min_area=det.min_region_area, cap=threshold.value
     )
     det.threshold = threshold
+    det.info["calibration_scores"] = rounded_scores(res.scores)
     return det

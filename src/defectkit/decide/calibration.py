@@ -15,7 +15,7 @@ so ``defectkit calibrate`` can change them without refitting.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +39,14 @@ class Threshold:
     false_alarm_rate: float | None = None  # measured on the calibration set
     false_alarm_upper: float | None = None  # one-sided 95% upper bound
     miss_rate: float | None = None
+    #: how a false-alarm-rate threshold was found: "conformal" (rank of the held-out
+    #: scores), "tail" (fitted log-normal tail: too few images for the rank) or
+    #: "max" (too few even for a tail); None for other rules
+    estimator: str | None = None
+    #: the fitted tail's false-alarm rate at ``value`` (a model's estimate, not a bound)
+    tail_rate: float | None = None
+    #: held-out good images needed to certify ``target`` (95% bound, none above)
+    n_to_certify: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,12 +75,59 @@ def _scores(scores: np.ndarray, what: str) -> np.ndarray:
     return s
 
 
-def threshold_for_false_alarm_rate(good_scores: np.ndarray, rate: float) -> Threshold:
-    """Conformal threshold: a new good part scores above it with probability <= rate.
+#: fewest held-out scores a tail is fitted to; below it the largest score is used
+MIN_TAIL_SCORES = 8
 
-    With n held-out scores, the ceil((n+1)(1-rate))-th smallest is used; when n
-    is too small for the rate, the largest score is used and the bound says how
-    weak that is.
+
+def images_to_certify(rate: float, confidence: float = 0.95) -> int:
+    """Good images, none above the threshold, whose one-sided Clopper-Pearson bound
+    reaches ``rate``: 299 for 1%, 59 for 5%."""
+    return math.ceil(math.log(1 - confidence) / math.log1p(-rate))
+
+
+def lognormal_tail(scores: np.ndarray, rate: float) -> tuple[float, Callable[[float], float]]:
+    """Upper prediction bound of a new good score at ``1 - rate`` under a log-normal
+    fit of ``scores`` (a normal one where a score is <= 0), and the fitted tail's
+    exceedance probability as a function of the threshold.
+
+    The bound is ``mean + t(n-1) * sd * sqrt(1 + 1/n)`` on the log scale: Student's t
+    and the ``1/n`` term widen it for the uncertainty of a mean and spread estimated
+    from a few images, so it is above the plain fitted quantile, more so the fewer
+    the scores.
+    """
+    from scipy.stats import t as student_t
+
+    s = np.asarray(scores, np.float64)
+    log = bool(np.all(s > 0))
+    x = np.log(s) if log else s
+    n = len(x)
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    sd = sd if sd > 0 else 1e-6 * max(abs(mean), 1.0)
+    scale = sd * math.sqrt(1 + 1 / n)
+    q = mean + float(student_t.ppf(1 - rate, n - 1)) * scale
+    value = math.exp(q) if log else q
+
+    def exceedance(t: float) -> float:
+        if log and t <= 0:
+            return 1.0
+        z = ((math.log(t) if log else t) - mean) / scale
+        return float(student_t.sf(z, n - 1))
+
+    return value, exceedance
+
+
+def threshold_for_false_alarm_rate(
+    good_scores: np.ndarray, rate: float, tail: bool = True
+) -> Threshold:
+    """Threshold for a false-alarm rate on new good parts of at most ``rate``.
+
+    With n held-out scores, the ceil((n+1)(1-rate))-th smallest is the conformal
+    threshold (expected false-alarm rate <= ``rate``). When n is too small for that
+    rank (n < 99 for 1%), the largest score alone would promise nothing: then, with
+    ``tail`` and at least :data:`MIN_TAIL_SCORES` scores, the threshold is the
+    log-normal tail's prediction bound (:func:`lognormal_tail`), never below the
+    largest score. ``false_alarm_upper`` is always the distribution-free 95% bound
+    of the held-out scores at the threshold; ``tail_rate`` the tail's own estimate.
     """
     if not 0 < rate < 1:
         raise ConfigError(f"false-alarm rate must be in (0, 1), got {rate}")
@@ -80,8 +135,16 @@ def threshold_for_false_alarm_rate(good_scores: np.ndarray, rate: float) -> Thre
     if len(s) == 0:
         raise ConfigError("calibration needs at least one good image")
     n = len(s)
-    rank = min(math.ceil((n + 1) * (1 - rate)), n)
-    value = float(s[rank - 1])
+    rank = math.ceil((n + 1) * (1 - rate))
+    estimator, tail_rate = "conformal", None
+    value = float(s[min(rank, n) - 1])
+    if rank > n:
+        estimator = "max"
+        if tail and n >= MIN_TAIL_SCORES:
+            fitted, exceedance = lognormal_tail(s, rate)
+            estimator = "tail"
+            value = max(value, fitted)
+            tail_rate = exceedance(value)
     value = float(np.nextafter(value, np.inf))  # "defect when score > calibrated max"
     k = int(np.sum(s >= value))
     return Threshold(
@@ -91,6 +154,35 @@ def threshold_for_false_alarm_rate(good_scores: np.ndarray, rate: float) -> Thre
         n_good=n,
         false_alarm_rate=k / n,
         false_alarm_upper=clopper_pearson_upper(k, n),
+        estimator=estimator,
+        tail_rate=tail_rate,
+        n_to_certify=images_to_certify(rate),
+    )
+
+
+def rounded_scores(scores: np.ndarray) -> list[float]:
+    """Scores as JSON numbers, to 7 significant digits (float32's precision)."""
+    return [float(f"{float(v):.7g}") for v in np.asarray(scores).ravel()]
+
+
+def calibration_warning(thr: Threshold) -> str | None:
+    """What a user must know about a false-alarm-rate threshold that its held-out
+    images cannot certify; None when they can (or for other rules)."""
+    if thr.rule != "false-alarm-rate" or thr.target is None or thr.estimator == "conformal":
+        return None
+    n, target = thr.n_good, thr.target
+    how = (
+        f"the threshold comes from a log-normal tail fitted to their scores (its estimate "
+        f"{thr.tail_rate:.2%}, a model's, not a bound)"
+        if thr.estimator == "tail"
+        else f"the threshold is just above their largest score (fewer than "
+        f"{MIN_TAIL_SCORES} images: too few to fit a tail)"
+    )
+    return (
+        f"{n} held-out good image(s) cannot certify a {target:.1%} false-alarm rate: they "
+        f"bound it at {thr.false_alarm_upper:.1%} (95%), and {thr.n_to_certify} would be "
+        f"needed; {how}. As good parts accumulate, `defectkit calibrate MODEL GOOD_DIR` "
+        "sets it on them."
     )
 
 
