@@ -9,6 +9,7 @@ map upsampling and smoothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from defectkit.methods.parts.mask_head import (
     train_mask_head,
 )
 from defectkit.methods.parts.photometric import check_mode, mode_from_file
-from defectkit.methods.parts.resize import fit_size
+from defectkit.methods.parts.resize import fit_size, working_aspect
 
 _FINE, _CONTEXT = "fine", "context"
 #: smoothing (px) of the mask head's upsampled probability: sharper than the
@@ -100,7 +101,7 @@ class PatchCore(AnomalyModel):
         backbone: str = "efficientnet-lite2",
         layers: list[str] | None = None,
         image_size: int = 256,
-        keep_aspect: bool = False,
+        keep_aspect: bool | str = False,
         photometric: str = "standardise",
         neighbourhood: int = 3,
         position_weight: float = 100.0,
@@ -151,6 +152,8 @@ class PatchCore(AnomalyModel):
             raise ConfigError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
+        if self.keep_aspect not in (True, False, "auto"):
+            raise ConfigError(f"keep_aspect must be true, false or auto, got {self.keep_aspect!r}")
         if self.global_weight < 0:
             raise ConfigError(f"global_weight must be >= 0, got {self.global_weight}")
         if self.nn_search not in ("exact", "hnsw"):
@@ -215,7 +218,14 @@ class PatchCore(AnomalyModel):
         sizes them)."""
         side, _, _ = self._scale(scale)
         multiple = max(self.extractor.strides)
-        return [fit_size(h, w, side, multiple, self.keep_aspect) for h, w in image_shapes(images)]
+        own, aspect = self.keep_aspect is True, self.input_aspect
+        return [fit_size(h, w, side, multiple, own, aspect) for h, w in image_shapes(images)]
+
+    @property
+    def input_aspect(self) -> float | None:
+        """The working aspect (w / h) every image is resized to, learned from the
+        training images with ``keep_aspect="auto"``; None otherwise."""
+        return getattr(self, "input_aspect_", None)
 
     def _iter_embeddings(
         self, images: Sequence[Image], progress: Progress | None, stage: str, scale: str = "fine"
@@ -232,7 +242,8 @@ class PatchCore(AnomalyModel):
             images,
             side,
             batch,
-            keep_aspect=self.keep_aspect,
+            keep_aspect=self.keep_aspect is True,
+            aspect=self.input_aspect,
             photometric=self.photometric,
             progress=progress,
             stage=stage,
@@ -298,6 +309,9 @@ class PatchCore(AnomalyModel):
         """
         self._validate()
         images = check_images(images)
+        self.input_aspect_ = (
+            working_aspect(image_shapes(images)) if self.keep_aspect == "auto" else None
+        )
         bank, origin, descriptors, self.fit_patches_ = self._fit_bank(
             images, _FINE, self.coreset_ratio, progress
         )
@@ -613,6 +627,7 @@ class PatchCore(AnomalyModel):
                 "local_ref": self.local_ref_,
                 "fit_patches": list(self.fit_patches_),
                 "photometric": self.photometric,
+                "input_aspect": self.input_aspect_,
             },
         )
 
@@ -631,6 +646,12 @@ class PatchCore(AnomalyModel):
         fp = info.get("fit_patches")  # absent in files written before it was recorded
         self.fit_patches_ = (int(fp[0]), int(fp[1])) if fp else (0, 0)
         self.photometric = mode_from_file(info, "patchcore")
+        aspect = info.get("input_aspect")  # absent in files written before it existed
+        if aspect is not None and not (
+            isinstance(aspect, int | float) and math.isfinite(aspect) and aspect > 0
+        ):
+            raise ModelFileError(f"patchcore model: input_aspect malformed ({aspect!r})")
+        self.input_aspect_ = None if aspect is None else float(aspect)
         # files written before the context scale existed have none
         self.context_size = int(info.get("context_size", 0))
         context = arrays.get("context_bank")

@@ -22,6 +22,7 @@ def feature_batches(
     batch_size: int,
     *,
     keep_aspect: bool = False,
+    aspect: float | None = None,
     photometric: str = "none",
     progress: Progress | None = None,
     stage: str = "features",
@@ -29,7 +30,8 @@ def feature_batches(
     """Yield ``(image indices, feature maps)`` for batches of ``images``.
 
     Images are resized by :func:`~defectkit.methods.parts.resize.fit_size`
-    (squashed to ``side`` x ``side`` unless ``keep_aspect``) and batched with
+    (one working ``aspect`` for all when given, else squashed to ``side`` x ``side``
+    unless ``keep_aspect``) and batched with
     others of the same network size, brightness and contrast normalised as
     ``photometric`` says (:mod:`~defectkit.methods.parts.photometric`).
     ``progress(stage, done, total)`` after each batch.
@@ -37,7 +39,7 @@ def feature_batches(
     multiple = max(extractor.strides) if extractor.strides else 1
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (h, w) in enumerate(image_shapes(images)):
-        groups[fit_size(h, w, side, multiple, keep_aspect)].append(i)
+        groups[fit_size(h, w, side, multiple, keep_aspect, aspect)].append(i)
     batches = [
         (size, members[start : start + batch_size])
         for size, members in groups.items()

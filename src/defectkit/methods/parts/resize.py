@@ -10,25 +10,56 @@ import torch
 
 from defectkit.methods.parts.photometric import gain_offset
 
+#: training images whose aspect ratios (w / h) all lie within this factor of each
+#: other share one working aspect; more varied sets are squashed to a square
+UNIFORM_ASPECT = 1.15
+
 
 def fit_size(
-    height: int, width: int, side: int, multiple: int, keep_aspect: bool
+    height: int,
+    width: int,
+    side: int,
+    multiple: int,
+    keep_aspect: bool,
+    aspect: float | None = None,
 ) -> tuple[int, int]:
-    """Output (h, w) with area about ``side**2``, both multiples of ``multiple``.
+    """Network input size (h, w), both multiples of ``multiple``.
 
-    With ``keep_aspect`` the texture's scale is the same in both directions
-    (ratio capped at 4:1); without it the image is squashed to a square. On
-    magnetic-tile, whose crops vary from 0.36 to 2.6 in aspect ratio, squashing
-    scored better (image AUROC 0.89 vs 0.87), so PatchCore's default squashes.
+    With ``aspect`` (w / h, the model's working aspect: :func:`working_aspect`)
+    every image gets one size, whatever its own shape: ``side`` on the short side
+    and ``aspect`` times that on the long one, so an elongated part keeps the
+    resolution across its width that a square part gets. Else, with
+    ``keep_aspect``, each image keeps its own aspect at an area of about
+    ``side**2``; without either it is squashed to ``side`` x ``side``. The ratio
+    is capped at 4:1.
     """
-    if not keep_aspect:
+    if aspect is not None:
+        ratio = min(max(aspect, 0.25), 4.0)
+        h, w = (side, side * ratio) if ratio >= 1 else (side / ratio, side)
+    elif keep_aspect:
+        ratio = min(max(width / height, 0.25), 4.0)
+        h, w = side / math.sqrt(ratio), side * math.sqrt(ratio)
+    else:
         return side, side
-    ratio = min(max(width / height, 0.25), 4.0)
-    h = side / math.sqrt(ratio)
-    w = side * math.sqrt(ratio)
     return max(multiple, round(h / multiple) * multiple), max(
         multiple, round(w / multiple) * multiple
     )
+
+
+def working_aspect(shapes: list[tuple[int, int]]) -> float:
+    """One working aspect (w / h) for a model, from its training images' (h, w).
+
+    Images of one shape (a camera's frames, line-scan tiles, elongated parts) keep
+    it: their median aspect, so a 500 x 1250 part is not squashed 2.5 times
+    across its length. Where the aspects vary by more than :data:`UNIFORM_ASPECT`
+    (crops of parts in both orientations), 1.0: every image squashed to a square,
+    which scored better on such a set (magnetic-tile, aspects 0.36 to 2.6: image
+    AUROC 0.89 squashed against 0.87 with each image's own aspect, lite0).
+    """
+    ratios = np.array([w / h for h, w in shapes], np.float64)
+    if len(ratios) == 0 or ratios.max() > UNIFORM_ASPECT * ratios.min():
+        return 1.0
+    return float(np.median(ratios))
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
