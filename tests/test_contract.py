@@ -23,6 +23,7 @@ FAST: dict[str, dict] = {
     "ganomaly": {"image_size": 64, "epochs": 2, "hidden": 32, "latent": 8},
     "synthetic": {"image_size": 96, "n_synthetic": 40, "epochs": 4, "hidden": 16},
 }
+FAST["ensemble"] = {"member_params": {m: FAST[m] for m in ("patchcore", "padim")}}
 
 METHODS = sorted(available_methods())
 
