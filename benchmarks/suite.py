@@ -87,6 +87,7 @@ def measure(data: Path, fit_args: list[str], work: Path) -> dict:
         "inspect_ips": (len(good) + len(bad)) / insp.seconds,
         "peak_rss_gb": max(fit.peak_rss_gb, ev.peak_rss_gb, insp.peak_rss_gb),
         "model_mib": model.stat().st_size / 1024**2,
+        "params": info.get("params"),
         "measured": f"{time.strftime('%Y-%m-%d')} {git_commit()}",
         # kept so that another threshold rule can be judged on the same fit
         "scores": {"calibration": cal, "test_good": good_s, "test_defect": bad_s},
@@ -178,6 +179,62 @@ def detail(variant: str, entry: dict) -> list[str]:
     return lines
 
 
+def calibration_rules(results: dict) -> list[str]:
+    """False alarms on test/good and recall of the threshold rules, re-applied to
+    every stored row's held-out scores: the tail rule (the library's) against the
+    largest score alone (the rule before it)."""
+    rows = [
+        (v, s, r["scores"])
+        for v, entry in sorted(results.items())
+        for s, r in entry["sets"].items()
+        if (r.get("scores") or {}).get("calibration")
+    ]
+    lines = [
+        f"Every variant's and method's fit with stored scores ({len(rows)} fits); target "
+        f"{TARGET_FAR:.0%} false alarms.",
+        "",
+        "| rule | mean false-alarm rate on test/good | worst | fits above 3% | mean recall |",
+        "|---|---|---|---|---|",
+    ]
+    for label, tail in (("log-normal tail (default)", True), ("largest held-out score", False)):
+        far, rec = [], []
+        for _, _, sc in rows:
+            t = threshold_for_false_alarm_rate(sc["calibration"], TARGET_FAR, tail=tail).value
+            far.append(statistics.fmean(v >= t for v in sc["test_good"]))
+            rec.append(statistics.fmean(v >= t for v in sc["test_defect"]))
+        if rows:
+            lines.append(
+                f"| {label} | {statistics.fmean(far):.2%} | {max(far):.1%} "
+                f"| {sum(f > 0.03 for f in far)} | {statistics.fmean(rec):.1%} |"
+            )
+    return lines
+
+
+def leave_one_out(results: dict, base: str, candidates: list[str]) -> list[str]:
+    """For each set: the candidate (``base`` among them) that the other sets choose
+    by the rule (highest mean image AUROC, none of them more than 0.01 below
+    ``base``), and what it gives on the set left out."""
+    rows = {v: results[v]["sets"] for v in [base, *candidates] if v in results}
+    sets = [s for s in SETS if all(s in r for r in rows.values())]
+    auc = {v: {s: r[s]["image_auroc"] for s in sets} for v, r in rows.items()}
+    lines = [
+        f"Candidates: {', '.join(rows)} (base `{base}`); image AUROC.",
+        "",
+        "| set left out | chosen on the other sets | its mean there | on the set left out "
+        f"| `{base}` there |",
+        "|---|---|---|---|---|",
+    ]
+    for out in sets:
+        rest = [s for s in sets if s != out]
+        allowed = [v for v in auc if all(auc[v][s] >= auc[base][s] - 0.01 for s in rest)]
+        best = max(allowed, key=lambda v: statistics.fmean(auc[v][s] for s in rest))
+        mean = statistics.fmean(auc[best][s] for s in rest)
+        lines.append(
+            f"| {out} | {best} | {mean:.3f} | {auc[best][out]:.3f} | {auc[base][out]:.3f} |"
+        )
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -190,6 +247,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED_DATA, help="folder holding the sets")
     ap.add_argument("--no-record", action="store_true", help="print only")
     ap.add_argument("--render-only", action="store_true", help="rewrite the table only")
+    ap.add_argument(
+        "--loo",
+        default=None,
+        help="BASE,V1,V2...: record which variant each set's leave-one-out choice picks",
+    )
     args = ap.parse_args()
 
     sets = SETS if args.sets is None else tuple(args.sets.split(","))
@@ -248,6 +310,12 @@ def main() -> None:
             f"- rendered: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}",
             "- these are test-set figures; a setting chosen by them is optimistic on the set "
             "it was chosen on",
+            "- a variant's settings are its fit arguments on top of the defaults of the "
+            "commit it was measured at: the PatchCore ablations (aspect, auto, ctx128, "
+            "noglobal, nophoto, nopos, pw10, pw30, sigma6, size320) were measured against "
+            "the former default position_weight=100, `default` with the current 30",
+            "- each row's model keeps its full settings: `defectkit info` (the script records "
+            "them as `params`)",
             "",
             table(results),
         ]
@@ -255,6 +323,27 @@ def main() -> None:
     print(body)
     if not args.no_record:
         record(SECTION, body)
+    lines = [
+        "## Suite: threshold rules on the stored fits",
+        "",
+        "- command: `python benchmarks/suite.py --render-only` (from the rows of the suite table)",
+        f"- rendered: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}",
+        "",
+        *calibration_rules(results),
+    ]
+    publish("suite-calibration", lines, record_it=not args.no_record)
+    if args.loo:
+        base, *candidates = args.loo.split(",")
+        lines = [
+            "## Suite: leave one set out",
+            "",
+            f"- command: `python benchmarks/suite.py --render-only --loo {args.loo}`",
+            f"- rendered: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}; from "
+            "the rows of the suite table",
+            "",
+            *leave_one_out(results, base, candidates),
+        ]
+        publish("suite-loo", lines, record_it=not args.no_record)
 
 
 def _command(args: argparse.Namespace) -> str:

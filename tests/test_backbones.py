@@ -185,7 +185,9 @@ def test_padding_stays_dynamic_when_traced() -> None:
     with torch.no_grad():
         for a, b in zip(fx(x), got, strict=True):
             assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            # a wrong padding moves features by O(1); the traced graph may pick other
+            # convolution kernels than eager mode (2.7e-5 apart on an AMD EPYC)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 def test_onnx_export_with_dynamic_height_width(tmp_path: Path) -> None:

@@ -228,3 +228,35 @@ def test_cli_fit_with_tiles_keeps_tile_brightness(tmp_path: Path) -> None:
     det = Detector.load(out)
     assert det.model.photometric == "none" and det.model.context_size == 0
     assert det.info["tiling"]["tile"] == 64
+
+
+def test_cli_min_defect_px_tiles_only_where_a_defect_would_fall_below_a_cell(
+    tmp_path: Path,
+) -> None:
+    """--min-defect-px N: at a 64 px input a feature cell is 8 px, so a defect of N
+    px needs tiles of 8N px (floored to 32s); 192 px images are tiled for N = 8 and
+    left whole for N = 32."""
+    rng = np.random.default_rng(4)
+    good_dir = tmp_path / "good"
+    for i in range(8):
+        save_png(good_dir / f"{i:02d}.png", _mirrored(rng, 96))
+    fast = ["-p", "backbone=efficientnet-lite0", "-p", "image_size=64", "-q"]
+    small, whole = tmp_path / "small.dkm", tmp_path / "whole.dkm"
+    args = ["--calibration-fraction", "0.25", *fast]
+    res = runner.invoke(
+        app, ["fit", str(good_dir), "--out", str(small), "--min-defect-px", "8", *args]
+    )
+    assert res.exit_code == 0, res.output
+    assert "tiles of 64 px: a 8 px defect then spans a feature cell" in res.output
+    assert Detector.load(small).info["tiling"]["tile"] == 64
+    res = runner.invoke(
+        app, ["fit", str(good_dir), "--out", str(whole), "--min-defect-px", "32", *args]
+    )
+    assert res.exit_code == 0, res.output
+    assert "tiling" not in Detector.load(whole).info
+    for extra, message in (
+        (["--min-defect-px", "8", "--tile", "64"], "give it or --tile, not both"),
+        (["--min-defect-px", "8", "--method", "threshold"], "methods with an image_size"),
+    ):
+        res = runner.invoke(app, ["fit", str(good_dir), "--out", str(whole), *extra])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output

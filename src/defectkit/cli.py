@@ -232,6 +232,15 @@ def fit(
         int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
     ] = None,
     tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
+    min_defect_px: Annotated[
+        int | None,
+        typer.Option(
+            help="the smallest defect that matters, in image px: images whose defects of "
+            "that size would fall below one feature cell are fitted and inspected in tiles "
+            "(32 x this size for patchcore's 256 px input); without it no tiling unless --tile",
+            min=1,
+        ),
+    ] = None,
     image_memory: Annotated[
         float,
         typer.Option(
@@ -330,7 +339,20 @@ def fit(
         if mask_head_param and mask_paths is None:
             raise _fail("--mask-head-param needs --defect-masks")
         check_settings(mask_head_params)
+        if min_defect_px is not None and tile is not None:
+            raise _fail("--min-defect-px sets the tile size itself: give it or --tile, not both")
         tiling = _tiling_options(tile, tile_overlap, tile_blend)
+        if min_defect_px is not None:
+            from defectkit.tiling import tile_for_defect
+
+            auto_tile = tile_for_defect(method, params, min_defect_px, _longest_side(paths))
+            if auto_tile is not None:
+                err.print(
+                    f"tiles of {auto_tile} px: a {min_defect_px} px defect then spans a "
+                    "feature cell (--min-defect-px)",
+                    highlight=False,
+                )
+                tiling = _tiling_options(auto_tile, tile_overlap, tile_blend)
         if tiling is not None:
             if defects is not None or classify_types:
                 raise _fail("--tile: not with --defects, --defect-masks or --classify-types")
@@ -771,6 +793,15 @@ def inspect(
         int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
     ] = None,
     tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
+    min_defect_px: Annotated[
+        int | None,
+        typer.Option(
+            help="the smallest defect that matters, in image px: images whose defects of "
+            "that size would fall below one feature cell are fitted and inspected in tiles "
+            "(32 x this size for patchcore's 256 px input); without it no tiling unless --tile",
+            min=1,
+        ),
+    ] = None,
     jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
 ) -> None:
     """Score images; one JSON object per image on stdout (exit 1 if any file failed).
@@ -1111,6 +1142,14 @@ def _load_model_for(model: Path, runtime: str) -> Any:
         return load_model(model)
     except DefectkitError as e:
         raise _fail(str(e)) from None
+
+
+def _longest_side(paths: Sequence[Path]) -> int:
+    """The longest side among the images, from their headers (no decoding); 0 when
+    no header can be read (the files' own errors come when they are loaded)."""
+    from defectkit.data.files import header_shape
+
+    return max((max(s) for s in map(header_shape, paths) if s is not None), default=0)
 
 
 def _tiling_options(tile: int | None, overlap: int | None, blend: str) -> Any:

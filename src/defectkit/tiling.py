@@ -115,6 +115,29 @@ def tile_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {**params, **extra}
 
 
+def tile_for_defect(
+    method: str, params: dict[str, Any], min_defect_px: int, longest_side: int
+) -> int | None:
+    """Tile size at which a defect of ``min_defect_px`` image pixels spans at least
+    one feature cell of ``method`` (``grid_stride`` px of its ``image_size`` input,
+    8 of 256 by default: a tile of 32 x ``min_defect_px`` px), or None when whole
+    images of ``longest_side`` px already give cells that small (no tiling)."""
+    from defectkit.methods import get_method
+
+    if min_defect_px < 1:
+        raise ConfigError(f"the smallest defect must be >= 1 px, got {min_defect_px}")
+    known = inspect.signature(get_method(method).__init__).parameters
+    if "image_size" not in known:
+        raise ConfigError(
+            f"a smallest defect size sets the working scale of methods with an image_size "
+            f"setting, not {method}"
+        )
+    side = int(params.get("image_size", known["image_size"].default))
+    stride = int(params.get("grid_stride", 8))
+    tile = max(32, (side * min_defect_px // stride) // 32 * 32)
+    return tile if longest_side > tile else None
+
+
 def split_tiles(
     images: Sequence[Image] | Image, tile: int, overlap: int | None = None
 ) -> list[Image]:

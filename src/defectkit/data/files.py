@@ -145,15 +145,21 @@ def image_batches(
             yield current
 
 
-def _header_bytes(path: Path) -> int:
-    """Decoded RGB size from the file's header (0 where it cannot be read: the
-    decoding pass then names the problem)."""
+def header_shape(path: Path) -> tuple[int, int] | None:
+    """(h, w) from the file's header, without decoding; None where it cannot be
+    read (the decoding pass then names the problem)."""
     try:
         with Image.open(path) as im:
             w, h = im.size
     except Exception:  # any unreadable header: judged when decoded
-        return 0
-    return int(w) * int(h) * 3
+        return None
+    return int(h), int(w)
+
+
+def _header_bytes(path: Path) -> int:
+    """Decoded RGB size from the file's header (0 where it cannot be read)."""
+    shape = header_shape(path)
+    return 0 if shape is None else shape[0] * shape[1] * 3
 
 
 def load_within(
