@@ -793,15 +793,6 @@ def inspect(
         int | None, typer.Option(help="px shared by neighbouring tiles (default tile/8)")
     ] = None,
     tile_blend: Annotated[str, typer.Option(help="stitching of overlaps: max or mean")] = "max",
-    min_defect_px: Annotated[
-        int | None,
-        typer.Option(
-            help="the smallest defect that matters, in image px: images whose defects of "
-            "that size would fall below one feature cell are fitted and inspected in tiles "
-            "(32 x this size for patchcore's 256 px input); without it no tiling unless --tile",
-            min=1,
-        ),
-    ] = None,
     jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
 ) -> None:
     """Score images; one JSON object per image on stdout (exit 1 if any file failed).
