@@ -214,11 +214,17 @@ def leave_one_out(results: dict, base: str, candidates: list[str]) -> list[str]:
     """For each set: the candidate (``base`` among them) that the other sets choose
     by the rule (highest mean image AUROC, none of them more than 0.01 below
     ``base``), and what it gives on the set left out."""
-    rows = {v: results[v]["sets"] for v in [base, *candidates] if v in results}
-    sets = [s for s in SETS if all(s in r for r in rows.values())]
+    sets = [s for s in SETS if s in results[base]["sets"]]
+    rows = {
+        v: results[v]["sets"]
+        for v in [base, *candidates]
+        if v in results and all(s in results[v]["sets"] for s in sets)
+    }
+    missing = [v for v in candidates if v not in rows]
     auc = {v: {s: r[s]["image_auroc"] for s in sets} for v, r in rows.items()}
     lines = [
-        f"Candidates: {', '.join(rows)} (base `{base}`); image AUROC.",
+        f"Candidates: {', '.join(rows)} (base `{base}`); image AUROC."
+        + (f" Not measured on every set, left out: {', '.join(missing)}." if missing else ""),
         "",
         "| set left out | chosen on the other sets | its mean there | on the set left out "
         f"| `{base}` there |",
