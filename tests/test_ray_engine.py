@@ -5,6 +5,7 @@ writes Parquet and the results database."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -84,12 +85,30 @@ def ray_run(fitted: Path, inputs: list[str], tmp_path_factory: pytest.TempPathFa
     return res, out
 
 
+def _close(a: object, b: object) -> bool:
+    """Equal JSON values, floats to a relative 1e-5."""
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, int | float)
+            and isinstance(b, int | float)
+            and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def test_ray_lines_equal_the_local_engine(local_lines: list[str], ray_run) -> None:
     res, out = ray_run
     assert res.exit_code == 1, res.output  # the bad files, as with the local engine
     lines = [line.replace(str(out / "maps"), "MAPS") for line in res.stdout.splitlines()]
-    assert lines == local_lines
-    assert len(local_lines) > 10
+    # the same records; numbers to float rounding, since batches of 3 and of 4 may
+    # take other BLAS/oneDNN kernels (7th digit apart on an AMD EPYC)
+    assert len(lines) == len(local_lines) > 10
+    for got, want in zip(lines, local_lines, strict=True):
+        assert _close(json.loads(got), json.loads(want)), (got, want)
     # overlays written by the actors, under the names the local engine gives them
     overlays = [json.loads(x)["overlay"] for x in res.stdout.splitlines() if '"overlay"' in x]
     assert len(overlays) == len(local_lines) - 2
