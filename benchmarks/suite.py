@@ -113,7 +113,7 @@ def summary(rows: dict[str, dict]) -> dict[str, float | None]:
 
 def table(results: dict) -> str:
     """Methods (and ablation variants) by sets."""
-    sets = [s for s in SETS if any(s in rows for rows in results.values())]
+    sets = [s for s in SETS if any(s in entry["sets"] for entry in results.values())]
     head = (
         "| variant | "
         + " | ".join(f"{s} img / pix / PRO" for s in sets)
