@@ -589,6 +589,8 @@ class Detector:
 
 _CLASSIFIER = "classifier."
 
+_RESCORER = "rescorer."
+
 
 def _calibration_summary(thr: Threshold | None) -> dict[str, Any] | None:
     """How far the image threshold can be trusted, in one place for ``info`` and the
@@ -605,9 +607,6 @@ def _calibration_summary(thr: Threshold | None) -> dict[str, Any] | None:
         "n_to_certify": thr.n_to_certify,
         "warning": calibration_warning(thr),
     }
-
-
-_RESCORER = "rescorer."
 
 
 def _load_rescorer(part: dict[str, Any], arrays: dict[str, np.ndarray]) -> DefectRescorer:
