@@ -259,7 +259,6 @@ def fit(
     from defectkit.data.batches import load_all
     from defectkit.data.datasets import fit_images, list_images
     from defectkit.data.files import load_within
-    from defectkit.decide.calibration import calibration_warning
     from defectkit.detector import Detector
     from defectkit.methods import DEFAULT_METHOD, get_method
     from defectkit.methods.parts.mask_head import check_settings
@@ -464,9 +463,7 @@ def fit(
             f"rate {thr.false_alarm_upper:.1%})",
             highlight=False,
         )
-        warning = calibration_warning(thr)
-        if warning is not None:
-            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        _warn_calibration(thr)
     pthr = det.pixel_threshold
     if pthr is not None:
         err.print(
@@ -1135,6 +1132,15 @@ def _load_model_for(model: Path, runtime: str) -> Any:
         raise _fail(str(e)) from None
 
 
+def _warn_calibration(thr: Any) -> None:
+    """Warn on stderr when a threshold's held-out images cannot certify its target."""
+    from defectkit.decide.calibration import calibration_warning
+
+    warning = calibration_warning(thr)
+    if warning is not None:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
 def _longest_side(paths: Sequence[Path]) -> int:
     """The longest side among the images, from their headers (no decoding); 0 when
     no header can be read (the files' own errors come when they are loaded)."""
@@ -1544,7 +1550,6 @@ def calibrate(
     Rewrites the model file's thresholds atomically (or writes --out).
     """
     from defectkit.decide.calibration import (
-        calibration_warning,
         pixel_threshold_for_false_regions,
         threshold_for_f1,
         threshold_for_false_alarm_rate,
@@ -1623,9 +1628,7 @@ def calibrate(
         f"miss rate {miss}) -> {written}",
         highlight=False,
     )
-    warning = calibration_warning(new)
-    if warning is not None:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _warn_calibration(new)
     if scored.errors:
         raise typer.Exit(EXIT_FILES_FAILED)
 

@@ -23,7 +23,13 @@ import numpy as np
 
 from defectkit import __version__
 from defectkit.classify.classifier import DefectClassifier, is_classifier_file
-from defectkit.data.files import DEFAULT_IMAGE_MEMORY, ImageFiles, image_shapes, take
+from defectkit.data.files import (
+    DEFAULT_IMAGE_MEMORY,
+    ImageFiles,
+    image_shapes,
+    seeded_split,
+    take,
+)
 from defectkit.decide.calibration import (
     PixelThreshold,
     Threshold,
@@ -117,8 +123,7 @@ def split_for_calibration(
     n_cal = round(n * fraction)
     if n - n_cal < min_fit:
         n_cal = max(0, n - min_fit)
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_cal:]), np.sort(order[:n_cal])
+    return seeded_split(n, n_cal, seed)
 
 
 class Detector:

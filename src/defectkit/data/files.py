@@ -120,6 +120,13 @@ def take(images: Sequence[np.ndarray], indices: Sequence[int]) -> Sequence[np.nd
     return [images[i] for i in indices]
 
 
+def seeded_split(n: int, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (kept, held out) of ``n`` images, ``n_held`` of them held out
+    by a seeded permutation (the same images for the same ``n`` and ``seed``)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
 def image_batches(
     images: Sequence[np.ndarray], batches: Sequence[Sequence[int]]
 ) -> Iterator[list[np.ndarray]]:

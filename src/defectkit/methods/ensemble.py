@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from defectkit.data.files import take
+from defectkit.data.files import seeded_split, take
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
 
@@ -111,8 +111,8 @@ class Ensemble(AnomalyModel):
     def _reference_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Sorted indices (members' fit, reference) of ``n`` images, seeded."""
         n_ref = min(n - 1, max(1, round(n * self.reference_fraction)))
-        order = np.random.default_rng(self.seed).permutation(n)
-        return np.sort(order[n_ref:]).astype(np.int64), np.sort(order[:n_ref]).astype(np.int64)
+        fit_index, ref_index = seeded_split(n, n_ref, self.seed)
+        return fit_index.astype(np.int64), ref_index.astype(np.int64)
 
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
         self._require_fitted()
