@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from rich.console import Console
 from typer.testing import CliRunner
 
 from defectkit import cli
@@ -25,7 +24,7 @@ FAST = ["--method", "threshold", "--param", "size=32", "-q"]
 
 @pytest.fixture(autouse=True)
 def wide_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "err", Console(stderr=True, width=100_000, highlight=False))
+    monkeypatch.setattr(cli.common.err, "_width", 100_000)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectkit.classify import Augmentation, DefectClassifier, PooledFeatures, default_layers
+from defectkit.classify import Augmentation, DefectClassifier, PooledFeatures, classifier_layers
 from defectkit.classify.head import class_weights, fit_temperature, train_head
 from defectkit.data.synthetic import add_defect, make_surface
 from defectkit.errors import ConfigError, ImageError, ModelFileError
@@ -123,6 +123,18 @@ def test_constructor_only_stores_settings() -> None:
     json.dumps(params)  # settings go into the model file's JSON
     with pytest.raises(ConfigError, match="no setting"):
         DefectClassifier.check_params({"not_a_setting": 1})
+    assert clf.set_params(l2=0.5) is clf and clf.l2 == 0.5
+    with pytest.raises(ConfigError, match=r"method 'classifier' has no setting\(s\) \['nope'\]"):
+        clf.set_params(l2=0.1, nope=1)
+    assert clf.l2 == 0.5
+
+
+def test_fit_and_files_keep_the_settings(fitted: DefectClassifier, tmp_path: Path) -> None:
+    """The settings stay as given (``layers`` None); the layers used are ``layers_``."""
+    assert fitted.get_params() == DefectClassifier(**FAST).get_params()
+    assert fitted.layers is None and fitted.layers_ == classifier_layers(fitted.backbone)
+    back = DefectClassifier.load(fitted.save(tmp_path / "c.dkm"))
+    assert back.get_params() == fitted.get_params() and back.layers_ == fitted.layers_
 
 
 def test_not_an_anomaly_method_and_the_registry_knows() -> None:
@@ -184,7 +196,7 @@ def test_tampered_classifier_state_is_refused(fitted: DefectClassifier, tmp_path
 
 # -- parts ---------------------------------------------------------------------------------
 def test_pooled_features_shape_and_layers() -> None:
-    assert default_layers("efficientnet-lite0") == ["blocks.14", "blocks.15"]
+    assert classifier_layers("efficientnet-lite0") == ["blocks.14", "blocks.15"]
     pf = PooledFeatures(image_size=64, pooling=["mean", "max"])
     feats = pf([np.zeros((50, 70, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)])
     assert feats.shape == (2, (192 + 320) * 2) == (2, pf.dim)

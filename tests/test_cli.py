@@ -149,11 +149,11 @@ def test_bad_model_and_bad_options_exit_2(tmp_path: Path, demo_root: Path) -> No
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import defectkit.cli as cli
+    import defectkit.cli.tools as tools
 
-    real = cli.__dict__.get("DEMO_SETTINGS")
+    real = tools.__dict__.get("DEMO_SETTINGS")
     monkeypatch.setattr(
-        cli,
+        tools,
         "DEMO_SETTINGS",
         {"categories": ("fabric",), "n_train": 16, "n_test_good": 4, "n_test_per_defect": 2},
     )

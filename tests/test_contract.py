@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,45 @@ def test_constructor_only_stores_settings(name: str) -> None:
     assert get_method(name)(**params).get_params() == params
     with pytest.raises(ConfigError, match="no setting"):
         get_method(name).check_params({"not_a_setting": 1})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_set_params_checks_names_and_returns_self(name: str) -> None:
+    model = make(name)
+    params = model.get_params()
+    for key in params:  # every setting reads back what was set
+        marker = object()
+        assert model.set_params(**{key: marker}) is model
+        assert model.get_params()[key] is marker
+    assert model.set_params(**params).get_params() == params
+    with pytest.raises(ConfigError, match=r"no setting\(s\) \['not_a_setting'\]"):
+        model.set_params(**{next(iter(params)): None}, not_a_setting=1)
+    assert model.get_params() == params  # nothing set when a name is refused
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_settings_survive_fit_and_the_model_file(name: str, surface_set: dict, tmp_path) -> None:
+    """scikit-learn's ``check_dont_overwrite_parameters``: fitting, scoring and the
+    learned state leave every constructor setting as given (what a method derives
+    from them, such as default layers, lives in ``_`` attributes), and the model
+    file rebuilds the same settings and scores."""
+    model = make(name)
+    given = copy.deepcopy(model.get_params())
+    model.fit(surface_set["train"])
+    assert model.get_params() == given
+    images = surface_set["good"][:2] + surface_set["bad"][:2]
+    scores = model.score(images).scores
+    arrays, state = model.learned_state()
+    assert model.get_params() == given
+    fresh = get_method(name)(**copy.deepcopy(given))
+    fresh.load_learned_state(arrays, copy.deepcopy(state))
+    assert fresh.get_params() == given
+    np.testing.assert_allclose(fresh.score(images).scores, scores, rtol=1e-6, atol=1e-7)
+    assert fresh.get_params() == given
+    Detector(model).save(tmp_path / "m.dkm")
+    loaded = Detector.load(tmp_path / "m.dkm").model
+    assert loaded.get_params() == given
+    np.testing.assert_allclose(loaded.score(images).scores, scores, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", METHODS)

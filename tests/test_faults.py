@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
-from rich.console import Console
 from serve_util import demo_test_images
 from sqlalchemy import event
 from typer.testing import CliRunner
@@ -70,7 +69,7 @@ def _half_writes(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_disk_full_while_saving_keeps_the_old_model(
     demo_root: Path, old_model: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "err", Console(stderr=True, width=100_000, highlight=False))
+    monkeypatch.setattr(cli.common.err, "_width", 100_000)
     path = tmp_path / "m.dkm"
     path.write_bytes(old_model)
     _half_writes(monkeypatch)

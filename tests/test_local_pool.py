@@ -13,10 +13,10 @@ import torch
 from conftest import cli_fit
 from typer.testing import CliRunner
 
-from defectkit.cli import _inspect_batch as _real_inspect_batch
-from defectkit.cli import _worker_model as _real_worker_model
 from defectkit.cli import app
 from defectkit.errors import DefectkitError
+from defectkit.pipeline.inspection import inspect_batch as _real_inspect_batch
+from defectkit.pipeline.scoring import worker_model as _real_worker_model
 from defectkit.report.collect import score_batch as _real_score_batch
 from defectkit.scale.local_pool import (
     MAX_AUTO_JOBS,
@@ -162,14 +162,14 @@ def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cli_fit(demo_root, model, "-p", "image_size=96", "-p", "coreset_ratio=0.1")
 
 
-def _worker_model_flagged(model: Path, runtime: str, precision: str):
-    det = _real_worker_model(model, runtime, precision)
+def _worker_model_flagged(*args):
+    det = _real_worker_model(*args)
     Path(os.environ["DK_TEST_DIR"], "worker-loaded").write_text("")
     return det
 
 
 def _inspect_batch_noted(det, batch, **options):
-    """The CLI's batch work; in the test process, it waits for the worker first."""
+    """The pipeline's batch work; in the test process, it waits for the worker first."""
     where = Path(os.environ["DK_TEST_DIR"])
     if os.getpid() == int(os.environ["DK_TEST_PARENT"]):
         _wait_for(where / "worker-loaded")
@@ -182,7 +182,8 @@ def _inspect_batch_noted(det, batch, **options):
 def test_inspect_with_worker_processes_writes_what_one_process_writes(
     fitted: Path, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import defectkit.cli as cli
+    import defectkit.pipeline.inspection as inspection
+    import defectkit.pipeline.scoring as scoring
 
     files = sorted((demo_root / "test").rglob("*.png"))
     broken = tmp_path / "broken.png"
@@ -194,8 +195,8 @@ def test_inspect_with_worker_processes_writes_what_one_process_writes(
         if jobs == 2:
             monkeypatch.setenv("DK_TEST_DIR", str(tmp_path))
             monkeypatch.setenv("DK_TEST_PARENT", str(os.getpid()))
-            monkeypatch.setattr(cli, "_worker_model", _worker_model_flagged)
-            monkeypatch.setattr(cli, "_inspect_batch", _inspect_batch_noted)
+            monkeypatch.setattr(scoring, "worker_model", _worker_model_flagged)
+            monkeypatch.setattr(inspection, "inspect_batch", _inspect_batch_noted)
         res = runner.invoke(
             app,
             ["inspect", str(fitted), *inputs, "--jobs", str(jobs), "--batch-size", "2",
@@ -232,7 +233,7 @@ def _score_batch_noted(det, batch):
 def test_evaluate_with_worker_processes_gives_the_same_metrics(
     fitted: Path, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import defectkit.cli as cli
+    import defectkit.pipeline.scoring as scoring
     import defectkit.report.collect as collect
 
     def run(jobs: int) -> dict:
@@ -244,7 +245,7 @@ def test_evaluate_with_worker_processes_gives_the_same_metrics(
     one = run(1)
     monkeypatch.setenv("DK_TEST_DIR", str(tmp_path))
     monkeypatch.setenv("DK_TEST_PARENT", str(os.getpid()))
-    monkeypatch.setattr(cli, "_worker_model", _worker_model_flagged)
+    monkeypatch.setattr(scoring, "worker_model", _worker_model_flagged)
     monkeypatch.setattr(collect, "score_batch", _score_batch_noted)
     two = run(2)
     assert list(tmp_path.glob("worker-scored-*")), "the worker process scored nothing"

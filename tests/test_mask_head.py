@@ -3,6 +3,9 @@ and inside PatchCore and a Detector (maps, thresholds, model files, export)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from defectkit.errors import ConfigError, ModelFileError
 from defectkit.export.onnx_bundle import ExportError, check_exportable
 from defectkit.methods.parts.mask_head import (
     MaskHead,
+    MaskHeadSettings,
     check_settings,
     grid_mask,
     train_mask_head,
@@ -100,6 +104,15 @@ def test_settings_are_checked() -> None:
     for settings, message in cases:
         with pytest.raises(ConfigError, match=message):
             check_settings(settings)
+
+
+def test_settings_defaults_are_fit_mask_heads() -> None:
+    from defectkit.methods.patchcore import PatchCore
+
+    sig = inspect.signature(PatchCore.fit_mask_head).parameters
+    assert dataclasses.asdict(MaskHeadSettings()) == {
+        f.name: sig[f.name].default for f in dataclasses.fields(MaskHeadSettings)
+    }
 
 
 def test_bad_training_inputs_are_refused() -> None:

@@ -21,7 +21,8 @@ def test_context_bank_and_blended_maps(
     two_scale: PatchCore, surface_set: dict[str, list[np.ndarray]]
 ) -> None:
     assert two_scale.context_bank_ is not None
-    assert two_scale.context_layers and len(two_scale.context_layers) == 3
+    assert two_scale.context_layers is None  # the setting stays as given ...
+    assert two_scale.context_layers_ and len(two_scale.context_layers_) == 3  # ... resolved
     images = surface_set["good"] + surface_set["bad"]
     res = two_scale.score(images)
     fine, context, _, _ = two_scale._raw_maps(images)
@@ -60,6 +61,9 @@ def test_save_load_round_trip(
     broken = {k: v for k, v in arrays.items() if k != "context_bank"}
     with pytest.raises(ModelFileError, match="context_bank"):
         PatchCore(**SMALL).load_learned_state(broken, info)
+    # settings that disagree with the file are refused, not rewritten to match it
+    with pytest.raises(ModelFileError, match="fitted with context_size 64, the settings say 0"):
+        PatchCore(**{**SMALL, "context_size": 0}).load_learned_state(arrays, info)
 
 
 def test_files_from_before_the_context_scale_load_single_scale(

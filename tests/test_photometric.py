@@ -86,12 +86,13 @@ def test_old_model_files_score_without_normalisation(
     old_info = {k: v for k, v in info.items() if k != "photometric"}
     loaded = method(**SMALL[method])  # the constructor's default is "standardise"
     loaded.load_learned_state(arrays, old_info)
-    assert loaded.photometric == "none"
-    assert loaded.get_params()["photometric"] == "none"  # and it is saved that way again
+    assert loaded.photometric_ == "none"  # the mode it was fitted with, from the file
+    assert loaded.get_params()["photometric"] == "standardise"  # settings stay as given
+    assert loaded.learned_state()[1]["photometric"] == "none"  # and it is saved that way again
     images = surface_set["good"] + surface_set["bad"]
     np.testing.assert_allclose(loaded.score(images).scores, fitted.score(images).scores, rtol=1e-5)
     # had it been read as "standardise", the scores would differ
-    loaded.photometric = "standardise"
+    loaded.photometric_ = "standardise"
     assert not np.allclose(loaded.score(images).scores, fitted.score(images).scores, rtol=1e-3)
 
 

@@ -209,3 +209,21 @@ def test_ray_options_are_checked_before_any_work(fitted: Path, inputs: list[str]
     assert res.exit_code == 2 and "local or ray" in res.output
     res = runner.invoke(app, ["inspect", str(fitted), *inputs, "--engine", "ray", "--workers", "0"])
     assert res.exit_code == 2 and "--workers" in res.output
+
+
+def test_ray_scores_a_model_fitted_on_tiles_tile_by_tile(demo_root: Path, tmp_path: Path) -> None:
+    """The model knows its tiles: a Ray actor loading it scores as the local engine."""
+    model = cli_fit(demo_root, tmp_path / "tiled.dkm", "--tile", "64",
+                    "--calibration-fraction", "0.25", "-p", "backbone=efficientnet-lite0",
+                    "-p", "image_size=64", "-p", "coreset_ratio=0.1")  # fmt: skip
+    test = str(demo_root / "test")
+    local = runner.invoke(app, ["inspect", str(model), test, "-q", "--jobs", "1"])
+    on_ray = runner.invoke(app, ["inspect", str(model), test, "-q", "--engine", "ray"])
+    assert local.exit_code == 0 and on_ray.exit_code == 0, (local.output, on_ray.output)
+    want = {r["path"]: r for r in map(json.loads, local.stdout.splitlines())}
+    got = [json.loads(x) for x in on_ray.stdout.splitlines()]
+    assert len(got) == len(want)
+    for r in got:
+        assert r["evidence"]["tiles"] == 4
+        assert r["score"] == pytest.approx(want[r["path"]]["score"], rel=1e-5)
+        assert r["is_defect"] == want[r["path"]]["is_defect"]

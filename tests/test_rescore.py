@@ -76,8 +76,11 @@ def test_learned_state_round_trip(informative: dict) -> None:
     r = DefectRescorer(**SMALL, seed=3)
     r.fit(d["good"], d["cal"], d["cal_scores"], d["defects"], d["defect_scores"])
     arrays, info = r.learned_state()
+    assert r.get_params() == DefectRescorer(**SMALL, seed=3).get_params()  # fit kept them
+    assert r.layers is None and info["layers"] == r.layers_
     back = DefectRescorer(**r.get_params())
     back.load_learned_state(arrays, info)
+    assert back.get_params() == r.get_params() and back.layers_ == r.layers_
     np.testing.assert_allclose(
         back.rescore(d["new_scores"], d["new"]), r.rescore(d["new_scores"], d["new"])
     )
@@ -106,6 +109,14 @@ def test_too_few_images_is_a_clear_error() -> None:
         DefectRescorer(regularisation=0).fit(good, good, np.zeros(4), good, np.ones(4))
     with pytest.raises(ConfigError, match="no setting"):
         DefectRescorer.check_params({"bogus": 1})
+
+
+def test_settings_on_the_estimator_scheme() -> None:
+    r = DefectRescorer(**SMALL)
+    assert list(r.get_params()) == DefectRescorer.param_names()
+    assert r.set_params(folds=3) is r and r.get_params()["folds"] == 3
+    with pytest.raises(ConfigError, match=r"re-scorer has no setting\(s\) \['bogus'\]"):
+        r.set_params(bogus=1)
 
 
 # -- in a Detector --------------------------------------------------------------------

@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 from badinputs import IGNORED, IS_ROOT, NOTES, Built, build_corpus, record
 from fastapi.testclient import TestClient
-from rich.console import Console
 from typer.testing import CliRunner
 
 from defectkit import cli
@@ -46,7 +45,7 @@ N_TRAIN = 10  # good images the dataset-folder tests fit on
 def wide_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rich wraps stderr at 80 columns when it is not a terminal: make the
     ``skipped <path>: <problem>`` lines one line each, so they can be checked."""
-    monkeypatch.setattr(cli, "err", Console(stderr=True, width=100_000, highlight=False))
+    monkeypatch.setattr(cli.common.err, "_width", 100_000)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +186,7 @@ def test_cli_inspect_batch_with_every_case(
     corpus: list[Built], model_path: Path, demo_root: Path, fmt: str, monkeypatch
 ) -> None:
     # one table row per line (Rich wraps at 80 columns when stdout is not a terminal)
-    monkeypatch.setattr(cli, "out", Console(width=100_000, highlight=False, soft_wrap=True))
+    monkeypatch.setattr(cli.common.out, "_width", 100_000)
     goods = sorted((demo_root / "test" / "good").glob("*.png"))[:2]
     args = [str(goods[0]), *(str(b.path) for b in corpus), str(goods[1])]
     res = runner.invoke(cli.app, ["inspect", str(model_path), *args, "-q", "--format", fmt])

@@ -18,7 +18,7 @@ from defectkit.detector import Detector
 from defectkit.errors import ConfigError
 from defectkit.methods.base import ScoreResult
 from defectkit.tiling import (
-    calibrate_tiled,
+    Tiling,
     score_tiled,
     split_tiles,
     tile_boxes,
@@ -144,7 +144,7 @@ def test_cli_inspect_with_tiles(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--tile-overlap needs --tile" in res.output
 
 
-def test_calibrate_tiled_sets_thresholds_from_whole_images() -> None:
+def test_a_tiled_detector_scores_and_calibrates_tile_by_tile() -> None:
     from defectkit.decide.calibration import threshold_for_false_alarm_rate
 
     rng = np.random.default_rng(2)
@@ -154,8 +154,15 @@ def test_calibrate_tiled_sets_thresholds_from_whole_images() -> None:
         {"backbone": "efficientnet-lite0", "image_size": 64},
     )
     held_out = [_mirrored(rng, 96) for _ in range(4)]
-    assert calibrate_tiled(det, held_out, 64, false_alarm_rate=0.05) is det
-    want = threshold_for_false_alarm_rate(score_tiled(det, held_out, 64).scores, 0.05)
+    whole = det.score(held_out)
+    assert whole.extras and "tiles" not in whole.extras[0]
+    det.tiling = Tiling(64)
+    tiled = score_tiled(det.model, held_out, 64)
+    got = det.score(held_out)
+    np.testing.assert_array_equal(got.scores, tiled.scores)
+    assert got.extras[0]["tiles"] == 16 and not np.allclose(got.scores, whole.scores)
+    assert det.calibrate(held_out, false_alarm_rate=0.05) is det
+    want = threshold_for_false_alarm_rate(tiled.scores, 0.05)
     assert det.threshold == want and det.threshold.n_good == 4
     assert det.pixel_threshold is not None
     assert det.pixel_threshold.value <= det.threshold.value
@@ -179,7 +186,8 @@ def test_cli_fit_with_tiles_then_inspect_tiles_by_itself(tmp_path: Path) -> None
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     det = Detector.load(model)
-    assert det.info["tiling"] == {"tile": 64, "overlap": 8, "blend": "max"}
+    assert det.tiling == Tiling(64, 8, "max")
+    assert "tiling" not in det.info  # the model's geometry, not its provenance
     assert det.info["n_fit_images"] == 7 and det.info["n_calibration_images"] == 3
     assert det.info["n_fit_tiles"] == 7 * 16  # 192 px sides: 4 x 4 tiles of 64 px
     assert det.threshold is not None and det.threshold.n_good == 3
@@ -227,7 +235,7 @@ def test_cli_fit_with_tiles_keeps_tile_brightness(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     det = Detector.load(out)
     assert det.model.photometric == "none" and det.model.context_size == 0
-    assert det.info["tiling"]["tile"] == 64
+    assert det.tiling is not None and det.tiling.tile == 64
 
 
 def test_cli_min_defect_px_tiles_only_where_a_defect_would_fall_below_a_cell(
@@ -248,7 +256,7 @@ def test_cli_min_defect_px_tiles_only_where_a_defect_would_fall_below_a_cell(
     )
     assert res.exit_code == 0, res.output
     assert "tiles of 64 px: a 8 px defect then spans a feature cell" in res.output
-    assert Detector.load(small).info["tiling"]["tile"] == 64
+    assert Detector.load(small).tiling == Tiling(64)
     res = runner.invoke(
         app, ["fit", str(good_dir), "--out", str(whole), "--min-defect-px", "32", *args]
     )

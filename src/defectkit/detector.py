@@ -48,10 +48,9 @@ from defectkit.methods import AnomalyModel, ScoreResult, get_method
 from defectkit.methods.base import Image, Progress, check_images
 from defectkit.methods.parts.mask_head import check_masks, check_settings
 from defectkit.model_file import ModelFile, read_model, write_model
+from defectkit.tiling import Tiling
 
 MODEL_SUFFIX = ".dkm"
-#: methods that may score with a lower-precision backbone (Detector.set_precision)
-LOW_PRECISION_METHODS = ("patchcore", "padim", "kmeans")
 
 
 #: calibration images scored at a time when their maps are kept on disk
@@ -59,7 +58,7 @@ _MAP_CHUNK = 64
 
 
 def _calibration_maps(
-    model: AnomalyModel,
+    score: Any,
     images: Sequence[Image],
     budget: int,
     stack: ExitStack,
@@ -70,7 +69,7 @@ def _calibration_maps(
     closes) chunk by chunk as they are scored."""
     shapes = image_shapes(images)
     if sum(h * w * 4 for h, w in shapes) <= budget:
-        res = model.score(images, progress=progress)
+        res = score(images, progress=progress)
         return res.scores, res.maps
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="defectkit-maps-"))
     maps = SavedMaps(folder)
@@ -78,7 +77,7 @@ def _calibration_maps(
     n = len(images)
     for start in range(0, n, _MAP_CHUNK):
         idx = range(start, min(n, start + _MAP_CHUNK))
-        res = model.score(take(images, idx), progress=_offset(progress, start, n))
+        res = score(take(images, idx), progress=_offset(progress, start, n))
         scores.append(np.asarray(res.scores))
         for m in res.maps:
             maps.append(m)
@@ -105,9 +104,12 @@ def _check_mask_head(
 ) -> None:
     """Refuse defect masks (or settings) that cannot teach ``model`` a mask head,
     before fitting."""
-    if not hasattr(model, "fit_mask_head"):
+    if not model.learns_masks:
+        from defectkit.methods import available_methods
+
+        which = ", ".join(n for n, c in available_methods().items() if c.learns_masks)
         raise ConfigError(
-            f"defect masks teach a mask head to methods with patch features (patchcore), "
+            f"defect masks teach a mask head to methods with patch features ({which}), "
             f"not {model.name}"
         )
     check_masks(image_shapes(defect_images or []), masks)
@@ -127,7 +129,11 @@ def split_for_calibration(
 
 
 class Detector:
-    """A fitted anomaly model plus its threshold.
+    """A fitted anomaly model plus its thresholds and its input geometry.
+
+    ``tiling`` (a :class:`~defectkit.tiling.Tiling`, or None for whole images) is
+    part of the model: :meth:`score` cuts images into those tiles, so every entry
+    point that scores through it scores a tiled model the same way.
 
     >>> det = Detector.fit(good_images, method="patchcore")   # doctest: +SKIP
     >>> det.save("part.dkm"); det = Detector.load("part.dkm")  # doctest: +SKIP
@@ -143,6 +149,7 @@ class Detector:
         *,
         classifier: DefectClassifier | None = None,
         rescorer: DefectRescorer | None = None,
+        tiling: Tiling | None = None,
     ) -> None:
         self.model = model
         self.threshold = threshold
@@ -152,6 +159,8 @@ class Detector:
         self.classifier = classifier
         #: semi-supervised re-scorer (image scores from labelled defects), or None
         self.rescorer = rescorer
+        #: tiles the model scores images in (fitted on such tiles), or None
+        self.tiling = tiling
 
     @classmethod
     def fit(
@@ -238,8 +247,7 @@ class Detector:
                 "params": dict(mask_head_params or {}),
                 "fit_seconds": round(time.perf_counter() - t1, 3),
             }
-        threshold = pixel_threshold = None
-        rescorer = None
+        det = cls(model)
         semi: dict[str, Any] | None = None
         if defect_images is not None and len(defect_images) and not cal_set:
             raise ConfigError(
@@ -247,15 +255,9 @@ class Detector:
                 "a calibration fraction > 0 or calibration images"
             )
         if cal_set:
-            with ExitStack() as stack:
-                cal_scores, cal_maps = _calibration_maps(
-                    model, cal_set, map_memory, stack, progress
-                )
-                threshold = threshold_for_false_alarm_rate(cal_scores, false_alarm_rate)
-                pixel_threshold = pixel_threshold_for_false_regions(
-                    cal_maps, max_false_regions, min_area=min_region_area, cap=threshold.value
-                )
-                del cal_maps
+            cal_scores = det._calibrate(
+                cal_set, false_alarm_rate, max_false_regions, min_region_area, map_memory, progress
+            )
             if defect_images is not None and len(defect_images):
                 rescore_params = {"seed": seed, **(rescore_params or {})}
                 DefectRescorer.check_params(rescore_params)
@@ -268,9 +270,10 @@ class Detector:
                 if defect_paths is not None:
                     semi["defect_images"] = [os.path.abspath(p) for p in defect_paths]
                 if found.used:
-                    candidate.unsupervised_threshold_ = threshold
-                    threshold = threshold_for_false_alarm_rate(found.good_oof, false_alarm_rate)
-                    rescorer = candidate
+                    candidate.unsupervised_threshold_ = det.threshold
+                    det.threshold = threshold_for_false_alarm_rate(found.good_oof, false_alarm_rate)
+                    det.rescorer = candidate
+                    det.info["calibration_scores"] = rounded_scores(found.good_oof)
         info: dict[str, Any] = {
             "n_fit_images": len(fit_set),
             "n_calibration_images": len(cal_set),
@@ -286,21 +289,79 @@ class Detector:
             ]
         if cal_paths is not None:
             info["calibration_images"] = [os.path.abspath(p) for p in cal_paths]
-        if cal_set:
-            # the scores the image threshold was set on (a later calibrate or an audit
-            # can compare other rules on them), in calibration-image order
-            set_on = cal_scores if rescorer is None else found.good_oof
-            info["calibration_scores"] = rounded_scores(set_on)
         if semi is not None:
             info["semi_supervised"] = semi
         if mask_info is not None:
             info["mask_head"] = mask_info
-        return cls(model, threshold, info, pixel_threshold, rescorer=rescorer)
+        det.info = {**info, **det.info}
+        return det
+
+    def calibrate(
+        self,
+        good_images: Sequence[Image],
+        *,
+        false_alarm_rate: float = 0.01,
+        max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
+        min_region_area: int | None = None,
+        map_memory: int = DEFAULT_IMAGE_MEMORY,
+        progress: Progress | None = None,
+    ) -> Detector:
+        """Set the image threshold for ``false_alarm_rate`` and the pixel threshold
+        for at most ``max_false_regions`` regions (of ``min_region_area`` px or
+        more, default the detector's) per good image, from ``good_images`` (not
+        fitted on) scored as :meth:`score` scores (tile by tile for a tiled model);
+        returns ``self``. :meth:`fit` calibrates the same way."""
+        if self.rescorer is not None:
+            raise ConfigError(
+                "a detector with a re-scorer is calibrated with its labelled defects: "
+                "refit it, or use `defectkit calibrate` with labelled images"
+            )
+        self._calibrate(
+            check_images(good_images),
+            false_alarm_rate,
+            max_false_regions,
+            self.min_region_area if min_region_area is None else min_region_area,
+            map_memory,
+            progress,
+        )
+        return self
+
+    def _calibrate(
+        self,
+        images: Sequence[Image],
+        false_alarm_rate: float,
+        max_false_regions: float,
+        min_region_area: int,
+        map_memory: int,
+        progress: Progress | None,
+    ) -> np.ndarray:
+        """The thresholds from good ``images``; returns their scores. The scores are
+        kept in :attr:`info` (a later calibrate or an audit can compare other rules
+        on them), in image order."""
+        with ExitStack() as stack:
+            scores, maps = _calibration_maps(self.score, images, map_memory, stack, progress)
+            threshold = threshold_for_false_alarm_rate(scores, false_alarm_rate)
+            self.pixel_threshold = pixel_threshold_for_false_regions(
+                maps, max_false_regions, min_area=min_region_area, cap=threshold.value
+            )
+            del maps
+        self.threshold = threshold
+        self.info["calibration_scores"] = rounded_scores(scores)
+        return scores
 
     # -- use --------------------------------------------------------------------
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
-        """The method's scores and maps; with a re-scorer, the re-scored image scores
-        (each image's ``extras`` then keeps the method's own as ``anomaly_score``)."""
+        """The method's scores and maps, tile by tile for a tiled model (each image's
+        score then the worst tile's, its map stitched at its own resolution); with a
+        re-scorer, the re-scored image scores (each image's ``extras`` then keeps the
+        method's own as ``anomaly_score``)."""
+        if self.tiling is not None:
+            return self.tiling.score(self._score_whole, images, progress)
+        return self._score_whole(images, progress)
+
+    def _score_whole(
+        self, images: Sequence[Image], progress: Progress | None = None
+    ) -> ScoreResult:
         if self.rescorer is None:
             return self.model.score(images, progress=progress)
         images = check_images(images)
@@ -318,7 +379,7 @@ class Detector:
         "bfloat16"; see :meth:`~defectkit.backbones.FeatureExtractor.set_precision`).
 
         Only for the methods whose scoring is a frozen backbone plus arithmetic on
-        its features (:data:`LOW_PRECISION_METHODS`), where bfloat16 was measured;
+        its features (tag ``low_precision``), where bfloat16 was measured;
         thresholds stay as calibrated. A classifier in the file stays float32.
         """
         from defectkit.backbones import FeatureExtractor, check_precision
@@ -329,10 +390,13 @@ class Detector:
             if isinstance(fx, FeatureExtractor):
                 fx.set_precision(precision)
             return self
-        if self.model.name not in LOW_PRECISION_METHODS:
+        if not self.model.low_precision:
+            from defectkit.methods import available_methods
+
+            which = ", ".join(n for n, c in available_methods().items() if c.low_precision)
             raise ConfigError(
-                f"precision {precision} is for the backbone methods "
-                f"({', '.join(LOW_PRECISION_METHODS)}), not {self.model.name}"
+                f"precision {precision} is for the backbone methods ({which}), "
+                f"not {self.model.name}"
             )
         fx = self.model.extractor
         if not isinstance(fx, FeatureExtractor):
@@ -462,6 +526,7 @@ class Detector:
             "pixel_threshold": (
                 None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
             ),
+            "tiling": None if self.tiling is None else self.tiling.to_dict(),
             "provenance": self.info,
         }
         stored = {f"method.{k}": v for k, v in arrays.items()}
@@ -525,6 +590,12 @@ class Detector:
             raise ModelFileError(f"{path}: model description is invalid ({e})") from None
         info_prov = dict(info.get("provenance") or {})
         info_prov["defectkit_version"] = info.get("defectkit_version")
+        # files written before the tiling was part of the model kept it in provenance
+        tiling = info.get("tiling") or info_prov.pop("tiling", None)
+        try:
+            tiles = None if tiling is None else Tiling.from_dict(tiling)
+        except ConfigError as e:
+            raise ModelFileError(f"{path}: {e}") from None
         return cls(
             model,
             threshold,
@@ -532,6 +603,7 @@ class Detector:
             pixel_threshold,
             classifier=classifier,
             rescorer=rescorer,
+            tiling=tiles,
         )
 
     def save_decision(self, path: str | Path, out: str | Path | None = None, **note: Any) -> Path:
@@ -575,6 +647,7 @@ class Detector:
             "pixel_threshold": (
                 None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
             ),
+            "tiling": None if self.tiling is None else self.tiling.to_dict(),
             **info,
             "calibration": _calibration_summary(self.threshold),
             "defectkit_version_running": __version__,

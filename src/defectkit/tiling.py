@@ -25,10 +25,18 @@ not lighting (a dull tile's noise was stretched until it outscored a 10 px hole
 on a 4096 px image); PatchCore's ``context_size`` would shrink each tile to a
 quarter of its side, which tiling is there to avoid.
 
+A detector knows its own tiling (:attr:`Detector.tiling
+<defectkit.detector.Detector.tiling>`, stored in the model file): every entry
+point that scores it (inspect, evaluate, report, calibrate, serve, Ray, ONNX)
+goes through :meth:`Detector.score <defectkit.detector.Detector.score>`, which
+scores tile by tile, so they all give the same scores.
+
 >>> params = tile_params("patchcore", {})                                   # doctest: +SKIP
->>> det = Detector.fit(split_tiles(good_images, 512), "patchcore", params)  # doctest: +SKIP
->>> calibrate_tiled(det, held_out_good_images, tile=512)                   # doctest: +SKIP
->>> result = score_tiled(det, [big_image], tile=512, overlap=64)           # doctest: +SKIP
+>>> det = Detector.fit(split_tiles(good_images, 512), "patchcore", params,  # doctest: +SKIP
+...                    calibration_fraction=0.0)
+>>> det.tiling = Tiling(512)                                                # doctest: +SKIP
+>>> det.calibrate(held_out_good_images)          # scored tile by tile      # doctest: +SKIP
+>>> result = det.score([big_image])                                        # doctest: +SKIP
 >>> det.decide(result.scores), result.maps[0].shape                        # doctest: +SKIP
 """
 
@@ -36,17 +44,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS
 from defectkit.errors import ConfigError
 from defectkit.methods.base import Image, Progress, ScoreResult, check_images
-
-if TYPE_CHECKING:
-    from defectkit.detector import Detector
 
 BLENDS = ("max", "mean")
 
@@ -55,6 +60,9 @@ class Scorer(Protocol):
     """Anything that scores images: a :class:`~defectkit.detector.Detector` or a method."""
 
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult: ...
+
+
+ScoreFn = Callable[[Sequence[Image]], ScoreResult]
 
 
 def default_overlap(tile: int) -> int:
@@ -70,6 +78,44 @@ def check_tiling(tile: int, overlap: int | None) -> int:
     if not 0 <= overlap <= tile // 2:
         raise ConfigError(f"tile overlap must be in [0, {tile // 2}] px, got {overlap}")
     return int(overlap)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a model cuts images into tiles: ``tile`` px squares overlapping by
+    ``overlap`` px (default ``tile // 8``), overlaps stitched by ``blend``.
+    Checked when made, so a bad setting fails before any long work."""
+
+    tile: int
+    overlap: int | None = None
+    blend: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.blend not in BLENDS:
+            raise ConfigError(f"tile blend must be one of {BLENDS}, got {self.blend!r}")
+        object.__setattr__(self, "overlap", check_tiling(self.tile, self.overlap))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Tiling:
+        try:
+            return cls(int(d["tile"]), int(d["overlap"]), str(d.get("blend", "max")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"tiling {d!r} is invalid ({e})") from None
+
+    def score(
+        self, score: ScoreFn, images: Sequence[Image], progress: Progress | None = None
+    ) -> ScoreResult:
+        """``images`` scored tile by tile by ``score`` (see :func:`score_tiled`)."""
+        return score_tiled(
+            score, images, self.tile, self.overlap, blend=self.blend, progress=progress
+        )
+
+    def split(self, images: Sequence[Image]) -> list[Image]:
+        """The tiles of ``images`` (to fit on)."""
+        return split_tiles(images, self.tile, self.overlap)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -101,17 +147,13 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[tuple[i
     ]
 
 
-_TILE_SETTINGS = {"photometric": "none", "context_size": 0}
-
-
 def tile_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` for a model fitted on tiles: ``photometric="none"`` and
-    ``context_size=0`` where the method has them and ``params`` does not choose
-    them (see above)."""
+    """``params`` for a model fitted on tiles: the method's ``tile_settings`` (for
+    PatchCore and PaDiM ``photometric="none"`` and ``context_size=0``) where
+    ``params`` does not choose them (see above)."""
     from defectkit.methods import get_method
 
-    known = inspect.signature(get_method(method).__init__).parameters
-    extra = {k: v for k, v in _TILE_SETTINGS.items() if k in known and k not in params}
+    extra = {k: v for k, v in get_method(method).tile_settings.items() if k not in params}
     return {**params, **extra}
 
 
@@ -159,7 +201,7 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
 
 
 def score_tiled(
-    scorer: Scorer,
+    scorer: Scorer | ScoreFn,
     images: Sequence[Image] | Image,
     tile: int,
     overlap: int | None = None,
@@ -172,8 +214,10 @@ def score_tiled(
 
     ``scores[i]`` is the highest tile score of image ``i``; ``extras[i]`` gives the
     number of tiles and the worst tile's box ``[x, y, w, h]`` with the method's
-    evidence for that tile (its coordinates are the tile's own).
+    evidence for that tile (its coordinates are the tile's own). ``scorer`` is an
+    object with a ``score`` method or the scoring function itself.
     """
+    score = scorer if callable(scorer) and not hasattr(scorer, "score") else scorer.score
     if blend not in BLENDS:
         raise ConfigError(f"tile blend must be one of {BLENDS}, got {blend!r}")
     if batch_size < 1:
@@ -193,7 +237,7 @@ def score_tiled(
         for start in range(0, len(boxes), batch_size):
             chunk = boxes[start : start + batch_size]
             crops = [img[y : y + h, x : x + w] for y, x, h, w in chunk]
-            res = scorer.score(crops)
+            res = score(crops)
             for k, (y, x, h, w) in enumerate(chunk):
                 m = res.maps[k]
                 view = acc[y : y + h, x : x + w]
@@ -217,34 +261,3 @@ def score_tiled(
         y, x, h, w = best_box
         extras.append({"tiles": len(boxes), "worst_tile": {"bbox": [x, y, w, h], **best_extra}})
     return ScoreResult(scores=scores, maps=maps, extras=extras)
-
-
-def calibrate_tiled(
-    det: Detector,
-    good_images: Sequence[Image],
-    tile: int,
-    overlap: int | None = None,
-    *,
-    false_alarm_rate: float = 0.01,
-    max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
-    blend: str = "max",
-) -> Detector:
-    """Set ``det``'s image and pixel thresholds from good images scored tile by tile
-    (images not fitted on), as :meth:`Detector.fit` does for whole images; returns
-    ``det``. The region size floor stays the detector's."""
-    from defectkit.decide.calibration import (
-        pixel_threshold_for_false_regions,
-        rounded_scores,
-        threshold_for_false_alarm_rate,
-    )
-
-    if det.rescorer is not None:
-        raise ConfigError("calibrate_tiled: a detector with a re-scorer cannot be re-calibrated")
-    res = score_tiled(det, good_images, tile, overlap, blend=blend)
-    threshold = threshold_for_false_alarm_rate(res.scores, false_alarm_rate)
-    det.pixel_threshold = pixel_threshold_for_false_regions(
-        res.maps, max_false_regions, min_area=det.min_region_area, cap=threshold.value
-    )
-    det.threshold = threshold
-    det.info["calibration_scores"] = rounded_scores(res.scores)
-    return det

@@ -11,7 +11,7 @@ to an anomaly model (a bundle: each NG part also gets its type).
 
 from defectkit.classify.augment import Augmentation
 from defectkit.classify.classifier import CLASSIFIER_METHOD, DefectClassifier, is_classifier_file
-from defectkit.classify.features import POOLINGS, PooledFeatures, default_layers
+from defectkit.classify.features import POOLINGS, PooledFeatures, classifier_layers
 
 __all__ = [
     "CLASSIFIER_METHOD",
@@ -19,6 +19,6 @@ __all__ = [
     "Augmentation",
     "DefectClassifier",
     "PooledFeatures",
-    "default_layers",
+    "classifier_layers",
     "is_classifier_file",
 ]

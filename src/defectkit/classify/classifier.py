@@ -31,7 +31,6 @@ How it learns (all seeded, so the same data gives the same model):
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from defectkit.classify.augment import Augmentation
-from defectkit.classify.features import POOLINGS, PooledFeatures
+from defectkit.classify.features import POOLINGS, PooledFeatures, classifier_layers
 from defectkit.classify.finetune import (
     TunedBlocks,
     fine_tune,
@@ -54,6 +53,7 @@ from defectkit.classify.head import HeadTraining, fit_temperature, train_head
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods.base import Image, Progress, check_images
 from defectkit.model_file import ModelFile, read_model, write_model
+from defectkit.params import Params
 
 __all__ = ["CLASSIFIER_METHOD", "DefectClassifier", "is_classifier_file"]
 
@@ -80,7 +80,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
     return held
 
 
-class DefectClassifier:
+class DefectClassifier(Params):
     """Defect-type classifier on pretrained EfficientNet-Lite features (see the module doc).
 
     Settings: ``backbone``; ``layers`` (default: ends of the last two stages);
@@ -149,20 +149,9 @@ class DefectClassifier:
         self._features: PooledFeatures | None = None
 
     # -- settings ----------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        """Constructor settings, read back from attributes of the same name."""
-        sig = inspect.signature(type(self).__init__)
-        return {n: getattr(self, n) for n in sig.parameters if n != "self"}
-
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> None:
-        """Refuse unknown setting names before any work starts."""
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ConfigError(
-                f"method {cls.name!r} has no setting(s) {unknown}; known: {sorted(known)}"
-            )
+    def _settings_layers(self) -> list[str]:
+        """The layers the settings name, defaults filled in."""
+        return list(self.layers) if self.layers is not None else classifier_layers(self.backbone)
 
     def _validate(self) -> None:
         if self.class_weight not in (None, "none", "balanced"):
@@ -193,11 +182,13 @@ class DefectClassifier:
 
     @property
     def features(self) -> PooledFeatures:
-        """The pooled-feature part (backbone loaded on first use)."""
+        """The pooled-feature part (backbone loaded on first use), on the layers the
+        classifier was fitted (or loaded) with, else the settings'. It holds the
+        fine-tuned blocks of a fitted classifier, so only ``fit`` starts it afresh."""
         if self._features is None:
             self._features = PooledFeatures(
                 self.backbone,
-                self.layers,
+                self.layers_ if hasattr(self, "layers_") else self._settings_layers(),
                 self.image_size,
                 self.pooling if self.pooling is not None else POOLINGS,
                 self.batch_size,
@@ -231,6 +222,9 @@ class DefectClassifier:
         ``images``. Needs at least two classes.
         """
         t0 = time.perf_counter()
+        # a fresh backbone on the settings' layers: a fine-tuned one must not carry over
+        self._features = None
+        self.layers_ = self._settings_layers()
         self._validate()
         images = check_images(images, min_count=2)
         labels = [str(lab) for lab in labels]
@@ -544,8 +538,13 @@ class DefectClassifier:
                 f"classifier: inconsistent shapes (mean {mean.shape}, scale {scale.shape}, "
                 f"weight {weight.shape}, bias {bias.shape}) for {c} classes"
             )
-        if self.layers is None and isinstance(info.get("layers"), list):
-            self.layers = [str(n) for n in info["layers"]]
+        layers = info.get("layers")  # the layers it was fitted with
+        if isinstance(layers, list):
+            self.layers_ = [str(n) for n in layers]
+        else:
+            self.layers_ = self._settings_layers()
+        if self._features is not None and self._features.layers != self.layers_:
+            self._features = None
         if self.features.dim != d:
             raise ModelFileError(
                 f"classifier: {d} features per image stored, but backbone {self.backbone!r} "

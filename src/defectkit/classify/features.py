@@ -21,17 +21,18 @@ from defectkit.errors import ConfigError
 from defectkit.methods.base import Image, Progress
 from defectkit.methods.parts.resize import to_tensor
 
-__all__ = ["POOLINGS", "PooledFeatures", "default_layers", "pool_maps"]
+__all__ = ["POOLINGS", "PooledFeatures", "classifier_layers", "pool_maps"]
 
 #: the poolings :class:`PooledFeatures` knows
 POOLINGS: tuple[str, ...] = ("mean", "std", "max")
 
 
-def default_layers(backbone: str) -> list[str]:
-    """The ends of the backbone's last two stages (stride 32): the most abstract maps,
-    which transfer best to a new set of classes.
+def classifier_layers(backbone: str) -> list[str]:
+    """Layers pooled when none are named: the ends of the backbone's last two stages
+    (stride 32), the most abstract maps, which transfer best to a new set of classes.
+    (Anomaly methods take :func:`defectkit.backbones.default_layers`, mid-level maps.)
 
-    >>> default_layers("efficientnet-lite0")
+    >>> classifier_layers("efficientnet-lite0")
     ['blocks.14', 'blocks.15']
     """
     ends = stage_ends(backbone)
@@ -83,7 +84,7 @@ class PooledFeatures:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.backbone = backbone
-        self.layers = list(layers) if layers is not None else default_layers(backbone)
+        self.layers = list(layers) if layers is not None else classifier_layers(backbone)
         self.image_size = int(image_size)
         self.pooling = list(pooling)
         self.batch_size = int(batch_size)

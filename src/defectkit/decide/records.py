@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from defectkit.data.batches import Loaded
-from defectkit.detector import Detector
+
+if TYPE_CHECKING:  # records only read a detector: decide/ does not import upward
+    from defectkit.detector import Detector
 
 
 def json_float(x: float | None) -> float | None:

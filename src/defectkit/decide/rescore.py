@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from defectkit.classify.features import POOLINGS, PooledFeatures
+from defectkit.classify.features import POOLINGS, PooledFeatures, classifier_layers
 from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods.base import Image, Progress
 from defectkit.methods.parts.coreset import greedy_coreset
+from defectkit.params import Params
 
 __all__ = ["EVIDENCE", "DefectRescorer", "RescoreFit"]
 
@@ -95,7 +96,7 @@ class RescoreFit:
         }
 
 
-class DefectRescorer:
+class DefectRescorer(Params):
     """Learned re-scoring of an anomaly model from a few labelled defective images.
 
     A :class:`~defectkit.detector.Detector` that keeps one also sets
@@ -106,6 +107,8 @@ class DefectRescorer:
     >>> fit = r.fit(fit_good_images, cal_images, cal_scores, defect_images, defect_scores)
     >>> r.rescore(scores, images) if fit.used else scores                 # doctest: +SKIP
     """
+
+    _built_from_settings = ("_features",)
 
     def __init__(
         self,
@@ -130,32 +133,22 @@ class DefectRescorer:
         self.seed = seed
         self._features: PooledFeatures | None = None
 
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone,
-            "layers": self.layers,
-            "image_size": self.image_size,
-            "pooling": self.pooling,
-            "regularisation": self.regularisation,
-            "folds": self.folds,
-            "max_goods": self.max_goods,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-        }
-
     @classmethod
-    def check_params(cls, params: dict[str, Any]) -> None:
-        known = set(cls().get_params())
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ConfigError(f"re-scorer has no setting(s) {unknown}; known: {sorted(known)}")
+    def _settings_owner(cls) -> str:
+        return "re-scorer"
+
+    def _settings_layers(self) -> list[str]:
+        """The layers the settings name, defaults filled in."""
+        return list(self.layers) if self.layers is not None else classifier_layers(self.backbone)
 
     @property
     def features(self) -> PooledFeatures:
+        """The pooled-feature part, on the layers the re-scorer was fitted (or
+        loaded) with, else the settings'."""
         if self._features is None:
             self._features = PooledFeatures(
                 self.backbone,
-                self.layers,
+                self.layers_ if hasattr(self, "layers_") else self._settings_layers(),
                 self.image_size,
                 self.pooling if self.pooling is not None else POOLINGS,
                 self.batch_size,
@@ -192,6 +185,9 @@ class DefectRescorer:
                 f"{len(defect_images)} (hold out more good images for calibration, or give "
                 "more defective ones)"
             )
+        self.layers_ = self._settings_layers()
+        if self._features is not None and self._features.layers != self.layers_:
+            self._features = None  # built for other layers (settings changed since)
         good = self.features(good_images, progress, stage="re-score features")
         self.feature_mean_ = good.mean(0).astype(np.float32)
         sd = good.std(0)
@@ -341,8 +337,12 @@ class DefectRescorer:
             or any(getattr(self, s).shape != (2,) for s in self._ARRAYS[4:8])
         ):
             raise ModelFileError("re-scorer: arrays of inconsistent shapes")
-        if self.layers is None and isinstance(info.get("layers"), list):
-            self.layers = [str(x) for x in info["layers"]]
+        layers = info.get("layers")  # the layers it was fitted with
+        self.layers_ = (
+            [str(x) for x in layers] if isinstance(layers, list) else self._settings_layers()
+        )
+        if self._features is not None and self._features.layers != self.layers_:
+            self._features = None
         if self.features.dim != d[0]:
             raise ModelFileError(
                 f"re-scorer: {d[0]} features per image stored, but its backbone gives "

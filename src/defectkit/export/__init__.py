@@ -10,21 +10,21 @@ See :mod:`defectkit.export.onnx_bundle` for what a bundle holds and
 """
 
 from defectkit.export.onnx_bundle import (
-    EXPORTABLE,
     Bundle,
     ExportError,
     export_onnx,
+    exportable_methods,
     is_bundle,
     read_bundle,
 )
 from defectkit.export.runtime import OrtFeatureExtractor, load_onnx_detector
 
 __all__ = [
-    "EXPORTABLE",
     "Bundle",
     "ExportError",
     "OrtFeatureExtractor",
     "export_onnx",
+    "exportable_methods",
     "is_bundle",
     "load_onnx_detector",
     "read_bundle",

@@ -51,15 +51,14 @@ MANIFEST = "manifest.json"
 EXTRACTOR_FILE = "extractor.onnx"
 DETECTOR_FILE = "detector.safetensors"
 ONNX_OPSET = 17
-#: methods whose compute-heavy part is a backbone held in ``model.extractor``
-EXPORTABLE = ("patchcore", "padim", "kmeans")
 
-#: where each method's scoring beyond the backbone runs (written to the manifest)
-_SCORING = {
-    "patchcore": "patch embedding in torch, nearest neighbour in faiss (not in ONNX)",
-    "padim": "patch embedding in torch, Mahalanobis distance in NumPy/torch (not in ONNX)",
-    "kmeans": "patch embedding in torch, nearest centre in faiss (not in ONNX)",
-}
+
+def exportable_methods() -> list[str]:
+    """Methods whose compute-heavy part is a backbone held in ``model.extractor``
+    (their ``exportable`` tag)."""
+    from defectkit.methods import available_methods
+
+    return [name for name, cls in available_methods().items() if cls.exportable]
 
 
 class ExportError(ConfigError):
@@ -103,10 +102,10 @@ def _sha256(path: Path) -> str:
 def check_exportable(det: Detector) -> None:
     """Raise :class:`ExportError` naming the method when it cannot be exported yet."""
     name = det.model.name
-    if name not in EXPORTABLE:
+    if not det.model.exportable:
         raise ExportError(
             f"method {name!r} cannot be exported to ONNX yet (exportable: "
-            f"{', '.join(EXPORTABLE)}); inspect it with the PyTorch runtime"
+            f"{', '.join(exportable_methods())}); inspect it with the PyTorch runtime"
         )
     parts = [
         label
@@ -191,7 +190,7 @@ def export_onnx(det: Detector, out: str | Path, *, overwrite: bool = True) -> Pa
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "method": det.model.name,
             "extractor": runtime,
-            "scoring": _SCORING[det.model.name],
+            "scoring": det.model.onnx_scoring,
             "files": {name: _sha256(tmp / name) for name in (EXTRACTOR_FILE, DETECTOR_FILE)},
         }
         with open(tmp / MANIFEST, "w") as f:
@@ -303,7 +302,7 @@ def read_bundle(path: str | Path) -> Bundle:
         or not len(ext["layers"]) == len(ext["strides"]) == len(ext["channels"]) > 0
     ):
         raise ModelFileError(f"{mpath}: extractor description missing or malformed")
-    if manifest.get("method") not in EXPORTABLE:
+    if manifest.get("method") not in exportable_methods():
         raise ModelFileError(
             f"{mpath}: method {manifest.get('method')!r} has no ONNX runtime in this defectkit"
         )

@@ -1,10 +1,12 @@
 """The estimator contract every method follows.
 
-A method's constructor only stores settings; ``fit`` learns from good images and
-returns ``self``; ``score`` returns image scores and anomaly maps at each input's
-own resolution. Learned state lives in attributes ending in ``_`` and travels to
-and from a model file through ``learned_state`` / ``load_learned_state`` as plain
-arrays, so loading a model never runs code.
+A method's constructor only stores settings (:class:`~defectkit.params.Params`:
+``get_params``, ``set_params``), and nothing rewrites them later. ``fit`` learns
+from good images and returns ``self``; ``score`` returns image scores and
+anomaly maps at each input's own resolution. Learned state, and whatever is
+derived from the settings (default layers resolved), lives in attributes ending
+in ``_`` and travels to and from a model file through ``learned_state`` /
+``load_learned_state`` as plain arrays, so loading a model never runs code.
 
 Images are ``numpy`` arrays, ``uint8``, shape ``(H, W, 3)``, RGB (see
 ``defectkit.data.images``). Sizes may differ between images.
@@ -12,7 +14,6 @@ Images are ``numpy`` arrays, ``uint8``, shape ``(H, W, 3)``, RGB (see
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from defectkit.data.files import ImageFiles
-from defectkit.errors import ConfigError, ImageError
+from defectkit.errors import ConfigError, ImageError, ModelFileError
+from defectkit.params import Params
 
 Image = np.ndarray
 #: progress callback: (stage, done, total)
@@ -45,7 +47,7 @@ class ScoreResult:
         return len(self.scores)
 
 
-class AnomalyModel(ABC):
+class AnomalyModel(Params, ABC):
     """Base class of every anomaly-detection method.
 
     >>> from defectkit.methods import get_method
@@ -58,6 +60,20 @@ class AnomalyModel(ABC):
     #: one-line summary shown by ``defectkit methods``
     summary: ClassVar[str] = ""
 
+    # -- tags: what the method can do, read by the entry points (never name lists) --
+    #: its backbone exports to ONNX (``defectkit export``; scoring is a frozen
+    #: backbone plus arithmetic on its features, read through ``extractor``)
+    exportable: ClassVar[bool] = False
+    #: what of an exportable method's scoring runs outside ONNX (in its bundle's manifest)
+    onnx_scoring: ClassVar[str] = ""
+    #: its backbone may score in bfloat16 (``--precision``; measured where set)
+    low_precision: ClassVar[bool] = False
+    #: learns where defects are from labelled masks (``fit_mask_head``)
+    learns_masks: ClassVar[bool] = False
+    #: settings a model fitted on tiles takes unless the user chose them: whole-part
+    #: settings that would treat each tile as a part (see :mod:`defectkit.tiling`)
+    tile_settings: ClassVar[dict[str, Any]] = {}
+
     @abstractmethod
     def fit(self, images: Sequence[Image]) -> AnomalyModel:
         """Learn what good looks like from ``images``; return ``self``."""
@@ -65,27 +81,6 @@ class AnomalyModel(ABC):
     @abstractmethod
     def score(self, images: Sequence[Image]) -> ScoreResult:
         """Score ``images``; needs a fitted model."""
-
-    # -- settings -------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        """Constructor settings, read back from attributes of the same name."""
-        sig = inspect.signature(type(self).__init__)
-        return {
-            name: getattr(self, name)
-            for name, p in sig.parameters.items()
-            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        }
-
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> None:
-        """Refuse unknown setting names before any work starts."""
-        sig = inspect.signature(cls.__init__)
-        known = {n for n in sig.parameters if n != "self"}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ConfigError(
-                f"method {cls.name!r} has no setting(s) {unknown}; known: {sorted(known)}"
-            )
 
     # -- learned state ----------------------------------------------------------
     @abstractmethod
@@ -116,8 +111,6 @@ def loaded_array(
 ) -> np.ndarray:
     """One array of a model file, checked before use (a model file is untrusted):
     present, of ``shape`` (when given), finite, and > 0 where ``positive``."""
-    from defectkit.errors import ModelFileError
-
     arr = arrays.get(key)
     if arr is None or (shape is not None and arr.shape != shape):
         raise ModelFileError(
@@ -129,6 +122,17 @@ def loaded_array(
     if positive and np.any(arr <= 0):
         raise ModelFileError(f"{owner} model: {key} must be positive")
     return arr
+
+
+def loaded_layers(info: dict[str, Any], key: str, owner: str) -> list[str] | None:
+    """Backbone layer names a model file's learned state records under ``key`` (the
+    layers the model was fitted with), checked; None where it records none."""
+    layers = info.get(key)
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise ModelFileError(f"{owner} model: {key} must be a list of layer names")
+    return list(layers)
 
 
 def check_images(images: Sequence[Image], *, min_count: int = 1) -> Sequence[Image]:

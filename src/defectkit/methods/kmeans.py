@@ -28,9 +28,16 @@ import faiss
 import numpy as np
 import torch
 
-from defectkit.backbones import FeatureExtractor, load_backbone
+from defectkit.backbones import FeatureExtractor, default_layers, load_backbone
 from defectkit.errors import ConfigError, ModelFileError
-from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
+from defectkit.methods.base import (
+    AnomalyModel,
+    Image,
+    Progress,
+    ScoreResult,
+    check_images,
+    loaded_layers,
+)
 from defectkit.methods.parts.embedding import patch_embedding
 from defectkit.methods.parts.extract import feature_batches
 from defectkit.methods.parts.knn import NearestNeighbours
@@ -72,6 +79,10 @@ class KMeans(AnomalyModel):
 
     name = "kmeans"
     summary = "k-means centres of pretrained patch features + distance to nearest centre"
+    exportable = True
+    onnx_scoring = "patch embedding in torch, nearest centre in faiss (not in ONNX)"
+    low_precision = True
+    _built_from_settings = ("_extractor", "_index")
 
     def __init__(
         self,
@@ -113,11 +124,20 @@ class KMeans(AnomalyModel):
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
+    def _settings_layers(self) -> list[str] | None:
+        """The layers the settings name, defaults filled in (None: a backbone module
+        without named layers, which ``load_backbone`` refuses)."""
+        if self.layers is None:
+            return default_layers(self.backbone) if isinstance(self.backbone, str) else None
+        return [self.layers] if isinstance(self.layers, str) else list(self.layers)
+
     @property
     def extractor(self) -> FeatureExtractor:
+        """The backbone, built on first use for the layers the model was fitted (or
+        loaded) with, else the settings'."""
         if self._extractor is None:
-            self._extractor = load_backbone(self.backbone, self.layers)
-            self.layers = list(self._extractor.layers)
+            layers = self.layers_ if hasattr(self, "layers_") else self._settings_layers()
+            self._extractor = load_backbone(self.backbone, layers)
         return self._extractor
 
     def _features(
@@ -143,6 +163,9 @@ class KMeans(AnomalyModel):
     def fit(self, images: Sequence[Image], progress: Progress | None = None) -> KMeans:
         self._validate()
         images = check_images(images)
+        self.layers_ = self._settings_layers()
+        if self._extractor is not None and list(self._extractor.layers) != self.layers_:
+            self._extractor = None  # built for other layers (settings changed since)
         emb = self._features(images, progress, "features")
         dim = next(iter(emb.values())).shape[-1]
         x = np.concatenate([emb.pop(i).reshape(-1, dim) for i in range(len(images))])
@@ -212,7 +235,7 @@ class KMeans(AnomalyModel):
             if c != dim:
                 raise ModelFileError(
                     f"kmeans model: centres have {dim} features but backbone "
-                    f"{self.backbone!r} layers {self.layers} give {c}"
+                    f"{self.backbone!r} layers {self.layers_} give {c}"
                 )
             z = (e.reshape(-1, c) - self.feature_mean_) / self.feature_std_
             _, nearest = self._nn().search(z, 1)
@@ -230,7 +253,6 @@ class KMeans(AnomalyModel):
     # -- persistence ------------------------------------------------------------
     def learned_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         self._require_fitted()
-        _ = self.extractor  # resolve default layers so they are saved explicitly
         return (
             {
                 "centres": self.centres_,
@@ -239,7 +261,7 @@ class KMeans(AnomalyModel):
                 "feature_std": self.feature_std_,
                 "cluster_sizes": self.cluster_sizes_,
             },
-            {"n_train_images": self.n_train_images_, "layers": self.layers},
+            {"n_train_images": self.n_train_images_, "layers": self.layers_},
         )
 
     def load_learned_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
@@ -269,4 +291,8 @@ class KMeans(AnomalyModel):
         self.feature_std_ = arrays["feature_std"].astype(np.float32)
         self.cluster_sizes_ = arrays["cluster_sizes"].astype(np.int64)
         self.n_train_images_ = int(info.get("n_train_images", 0))
+        # the layers it was fitted with (files that record none: the settings')
+        self.layers_ = loaded_layers(info, "layers", "kmeans") or self._settings_layers()
+        if self._extractor is not None and list(self._extractor.layers) != self.layers_:
+            self._extractor = None
         self._index = None

@@ -43,7 +43,7 @@ squash distorts parts whose aspect ratio varies a lot.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,7 +52,14 @@ import torch.nn.functional as F
 from defectkit.backbones import FeatureExtractor, default_layers, load_backbone, stage_ends
 from defectkit.data.files import image_shapes
 from defectkit.errors import ConfigError, ModelFileError
-from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
+from defectkit.methods.base import (
+    AnomalyModel,
+    Image,
+    Progress,
+    ScoreResult,
+    check_images,
+    loaded_layers,
+)
 from defectkit.methods.parts.embedding import patch_embedding
 from defectkit.methods.parts.extract import feature_batches
 from defectkit.methods.parts.gaussian import (
@@ -82,6 +89,11 @@ class PaDiM(AnomalyModel):
 
     name = "padim"
     summary = "Gaussian of pretrained features per position + Mahalanobis (aligned parts)"
+    exportable = True
+    onnx_scoring = "patch embedding in torch, Mahalanobis distance in NumPy/torch (not in ONNX)"
+    low_precision = True
+    tile_settings: ClassVar[dict[str, Any]] = {"photometric": "none", "context_size": 0}
+    _built_from_settings = ("_extractor",)
 
     def __init__(
         self,
@@ -136,23 +148,39 @@ class PaDiM(AnomalyModel):
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         check_mode(self.photometric)
 
-    def _scale_layers(self) -> dict[str, list[str]]:
+    def _settings_layers(self) -> dict[str, list[str]]:
+        """Layers of each active scale that the settings name, defaults filled in."""
         name = self.backbone.split(":", 1)[0]
-        if self.layers is None:
-            self.layers = default_layers(name)
-        out = {"fine": list(self.layers)}
+        layers, context = self.layers, self.context_layers
+        out = {"fine": list(layers) if layers is not None else default_layers(name)}
         if self.context_size:
-            if self.context_layers is None:
-                self.context_layers = default_context_layers(name)
-            out["context"] = list(self.context_layers)
+            out["context"] = list(context) if context is not None else default_context_layers(name)
         return out
+
+    def _scale_layers(self) -> dict[str, list[str]]:
+        """Layers of each active scale: those the model was fitted (or loaded) with,
+        else the settings'."""
+        if not hasattr(self, "layers_"):
+            return self._settings_layers()
+        out = {"fine": self.layers_}
+        if self.context_size:
+            out["context"] = self.context_layers_ or []
+        return out
+
+    def _backbone_layers(self) -> list[str]:
+        """One backbone pass serves both scales: the union of their layers."""
+        return list(dict.fromkeys(x for names in self._scale_layers().values() for x in names))
 
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            wanted = [layer for names in self._scale_layers().values() for layer in names]
-            self._extractor = load_backbone(self.backbone, list(dict.fromkeys(wanted)))
+            self._extractor = load_backbone(self.backbone, self._backbone_layers())
         return self._extractor
+
+    def _drop_stale_extractor(self) -> None:
+        """Forget a backbone built for other layers than the model's (settings changed)."""
+        if self._extractor is not None and list(self._extractor.layers) != self._backbone_layers():
+            self._extractor = None
 
     def _sizes(self) -> dict[str, tuple[int, int]]:
         """(input size, neighbourhood) of each active scale."""
@@ -174,7 +202,7 @@ class PaDiM(AnomalyModel):
                 images,
                 size,
                 self.batch_size,
-                photometric=self.photometric,
+                photometric=self.photometric_,
                 progress=progress,
                 stage=f"{stage} ({scale})",
             )
@@ -187,6 +215,10 @@ class PaDiM(AnomalyModel):
     def fit(self, images: Sequence[Image], progress: Progress | None = None) -> PaDiM:
         self._validate()
         images = check_images(images, min_count=2)
+        layers = self._settings_layers()
+        self.layers_, self.context_layers_ = layers["fine"], layers.get("context")
+        self.photometric_ = self.photometric
+        self._drop_stale_extractor()
         rng = np.random.default_rng(self.seed)
         acc: dict[str, GaussianAccumulator] = {}
         channels: dict[str, np.ndarray] = {}
@@ -274,9 +306,9 @@ class PaDiM(AnomalyModel):
             "scales": list(self.means_),
             "grids": {k: list(v) for k, v in self.grids_.items()},
             "n_train_images": self.n_train_images_,
-            "layers": self.layers,
-            "context_layers": self.context_layers,
-            "photometric": self.photometric,
+            "layers": self.layers_,
+            "context_layers": self.context_layers_,
+            "photometric": self.photometric_,
         }
         return arrays, info
 
@@ -321,7 +353,16 @@ class PaDiM(AnomalyModel):
             grid_out,
         )
         self.n_train_images_ = int(info.get("n_train_images", 0))
-        self.photometric = mode_from_file(info, "padim")
+        self.photometric_ = mode_from_file(info, "padim")
+        # the layers it was fitted with (files that record none: the settings')
+        layers = self._settings_layers()
+        self.layers_ = loaded_layers(info, "layers", "padim") or layers["fine"]
+        self.context_layers_ = (
+            (loaded_layers(info, "context_layers", "padim") or layers["context"])
+            if self.context_size
+            else None
+        )
+        self._drop_stale_extractor()
 
 
 def _positions(emb: torch.Tensor, channels: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,7 +19,14 @@ import torch
 from defectkit.backbones import FeatureExtractor, default_layers, load_backbone, stage_ends
 from defectkit.data.files import image_shapes, take
 from defectkit.errors import ConfigError, ModelFileError
-from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
+from defectkit.methods.base import (
+    AnomalyModel,
+    Image,
+    Progress,
+    ScoreResult,
+    check_images,
+    loaded_layers,
+)
 from defectkit.methods.parts.coreset import greedy_coreset
 from defectkit.methods.parts.embedding import patch_embedding, with_position
 from defectkit.methods.parts.extract import feature_batches
@@ -27,8 +34,8 @@ from defectkit.methods.parts.knn import NearestNeighbours
 from defectkit.methods.parts.maps import upsample_map
 from defectkit.methods.parts.mask_head import (
     MaskHead,
+    MaskHeadSettings,
     check_masks,
-    check_settings,
     grid_mask,
     train_mask_head,
 )
@@ -111,6 +118,12 @@ class PatchCore(AnomalyModel):
 
     name = "patchcore"
     summary = "memory bank of pretrained patch features + nearest neighbour (default, best general)"
+    exportable = True
+    onnx_scoring = "patch embedding in torch, nearest neighbour in faiss (not in ONNX)"
+    low_precision = True
+    learns_masks = True
+    tile_settings: ClassVar[dict[str, Any]] = {"photometric": "none", "context_size": 0}
+    _built_from_settings = ("_extractor", "_index", "_context_index", "_global_index")
 
     def __init__(
         self,
@@ -198,36 +211,53 @@ class PatchCore(AnomalyModel):
         if self.max_fit_patches < 1:
             raise ConfigError(f"max_fit_patches must be >= 1, got {self.max_fit_patches}")
 
+    def _settings_layers(self) -> tuple[list[str], list[str]]:
+        """(fine, context) layers the settings name, defaults filled in; no context
+        layers without a context scale."""
+        named = isinstance(self.backbone, str)
+        fine = self.layers
+        if fine is None and named:
+            fine = default_layers(self.backbone)
+        context = None
+        if self.context_size:
+            context = self.context_layers
+            if context is None:
+                context = [f"blocks.{e}" for e in stage_ends(self.backbone)[2:5]] if named else fine
+        return list(fine or []), list(context or [])
+
+    def _layer_names(self) -> tuple[list[str], list[str]]:
+        """(fine, context) layers: those the model was fitted (or loaded) with, else
+        the settings'."""
+        if hasattr(self, "layers_"):
+            return self.layers_, self.context_layers_ or []
+        return self._settings_layers()
+
+    def _backbone_layers(self) -> list[str]:
+        """One backbone pass serves both scales: the union of their layers."""
+        fine, context = self._layer_names()
+        return list(dict.fromkeys(fine + context))
+
     @property
     def extractor(self) -> FeatureExtractor:
-        """One backbone pass serves both scales: it holds the union of their layers."""
+        """The backbone, built on first use for :meth:`_backbone_layers`."""
         if self._extractor is None:
-            if self.layers is None and isinstance(self.backbone, str):
-                self.layers = default_layers(self.backbone)
-            if self.context_size and self.context_layers is None:
-                self.context_layers = (
-                    [f"blocks.{e}" for e in stage_ends(self.backbone)[2:5]]
-                    if isinstance(self.backbone, str)
-                    else self.layers
-                )
-            wanted = list(self.layers or [])
-            if self.context_size:
-                wanted += list(self.context_layers or [])
-            self._extractor = load_backbone(self.backbone, list(dict.fromkeys(wanted)) or None)
-            if self.layers is None:
-                self.layers = list(self._extractor.layers)
-            if self.context_size and self.context_layers is None:
-                self.context_layers = list(self.layers)
+            self._extractor = load_backbone(self.backbone, self._backbone_layers() or None)
         return self._extractor
+
+    def _drop_stale_extractor(self) -> None:
+        """Forget a backbone built for other layers than the model's (settings changed)."""
+        if self._extractor is not None and list(self._extractor.layers) != self._backbone_layers():
+            self._extractor = None
 
     def _scale(self, scale: str) -> tuple[int, list[int], int]:
         """(input side, indices of the scale's layers among the extractor's, neighbourhood)."""
         fx = self.extractor
+        fine, context = self._layer_names()
         if scale == _FINE:
-            side, layers, nb = self.image_size, self.layers, self.neighbourhood
+            side, layers, nb = self.image_size, fine, self.neighbourhood
         else:
-            side, layers, nb = self.context_size, self.context_layers, self.context_neighbourhood
-        return side, [fx.layers.index(layer) for layer in layers or []], nb
+            side, layers, nb = self.context_size, context, self.context_neighbourhood
+        return side, [fx.layers.index(layer) for layer in layers], nb
 
     def _sizes(self, images: Sequence[Image], scale: str = "fine") -> list[tuple[int, int]]:
         """Network input size (h, w) of each image at ``scale`` (as ``feature_batches``
@@ -260,7 +290,7 @@ class PatchCore(AnomalyModel):
             batch,
             keep_aspect=self.keep_aspect is True,
             aspect=self.input_aspect,
-            photometric=self.photometric,
+            photometric=self.photometric_,
             progress=progress,
             stage=stage,
         )
@@ -325,6 +355,10 @@ class PatchCore(AnomalyModel):
         """
         self._validate()
         images = check_images(images)
+        self.layers_, context = self._settings_layers()
+        self.context_layers_ = context if self.context_size else None
+        self.photometric_ = self.photometric
+        self._drop_stale_extractor()
         self.input_aspect_ = (
             working_aspect(image_shapes(images)) if self.keep_aspect == "auto" else None
         )
@@ -371,7 +405,7 @@ class PatchCore(AnomalyModel):
         (``benchmarks/labelled.py``, with the re-scorer of ``--defects`` too).
         """
         self._require_fitted()
-        check_settings({"weight": weight, "hidden": hidden, "steps": steps, "max_goods": max_goods})
+        MaskHeadSettings(weight=weight, hidden=hidden, steps=steps, max_goods=max_goods)  # checks
         defects = check_images(defects)
         goods = check_images(goods)
         check_masks(image_shapes(defects), masks)
@@ -554,7 +588,7 @@ class PatchCore(AnomalyModel):
         for i, e in self._iter_embeddings(images, progress, "score", scale):
             h, w, dim = e.shape
             if dim != bank.shape[1]:
-                layers = self.layers if scale == _FINE else self.context_layers
+                layers = self._layer_names()[0 if scale == _FINE else 1]
                 raise ModelFileError(
                     f"patchcore model: {scale} memory bank has {bank.shape[1]} features per "
                     f"patch but backbone {self.backbone!r} layers {layers} give {dim}"
@@ -610,7 +644,6 @@ class PatchCore(AnomalyModel):
     # -- persistence ------------------------------------------------------------
     def learned_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         self._require_fitted()
-        _ = self.extractor  # resolve default layers so they are saved explicitly
         arrays = {
             "memory_bank": self.memory_bank_,
             "bank_origin": self.bank_origin_,
@@ -636,13 +669,13 @@ class PatchCore(AnomalyModel):
             {
                 "mask_head": mask_head,
                 "n_train_images": self.n_train_images_,
-                "layers": self.layers,
-                "context_layers": self.context_layers if self.context_size else None,
+                "layers": self.layers_,
+                "context_layers": self.context_layers_,
                 "context_size": self.context_size,
                 "global_ref": self.global_ref_,
                 "local_ref": self.local_ref_,
                 "fit_patches": list(self.fit_patches_),
-                "photometric": self.photometric,
+                "photometric": self.photometric_,
                 "input_aspect": self.input_aspect_,
             },
         )
@@ -661,15 +694,21 @@ class PatchCore(AnomalyModel):
         self.n_train_images_ = int(info.get("n_train_images", 0))
         fp = info.get("fit_patches")  # absent in files written before it was recorded
         self.fit_patches_ = (int(fp[0]), int(fp[1])) if fp else (0, 0)
-        self.photometric = mode_from_file(info, "patchcore")
+        self.photometric_ = mode_from_file(info, "patchcore")
         aspect = info.get("input_aspect")  # absent in files written before it existed
         if aspect is not None and not (
             isinstance(aspect, int | float) and math.isfinite(aspect) and aspect > 0
         ):
             raise ModelFileError(f"patchcore model: input_aspect malformed ({aspect!r})")
         self.input_aspect_ = None if aspect is None else float(aspect)
-        # files written before the context scale existed have none
-        self.context_size = int(info.get("context_size", 0))
+        # files written before the context scale existed have none (and their settings
+        # no context_size: the default, 0)
+        fitted_context = int(info.get("context_size", 0))
+        if fitted_context != self.context_size:
+            raise ModelFileError(
+                f"patchcore model: fitted with context_size {fitted_context}, the settings "
+                f"say {self.context_size}"
+            )
         context = arrays.get("context_bank")
         refs = arrays.get("map_refs", np.array([0.0, 1.0, 0.0, 1.0], np.float32))
         if self.context_size:
@@ -677,10 +716,18 @@ class PatchCore(AnomalyModel):
                 raise ModelFileError("patchcore model: context_bank missing or malformed")
             if len(context) == 0 or not np.all(np.isfinite(context)):
                 raise ModelFileError("patchcore model: context_bank empty or not finite")
-            self.context_layers = info.get("context_layers") or self.context_layers
         if refs.shape != (4,) or not np.all(np.isfinite(refs)) or refs[1] <= 0 or refs[3] <= 0:
             raise ModelFileError("patchcore model: map_refs malformed")
         self.context_bank_ = context if self.context_size else None
+        # the layers it was fitted with (files that record none: the settings')
+        fine, context_layers = self._settings_layers()
+        self.layers_ = loaded_layers(info, "layers", "patchcore") or fine
+        self.context_layers_ = (
+            (loaded_layers(info, "context_layers", "patchcore") or context_layers)
+            if self.context_size
+            else None
+        )
+        self._drop_stale_extractor()
         self.map_refs_ = refs.astype(np.float32)
         self.mask_head_, self.mask_gain_ = _loaded_mask_head(arrays, info.get("mask_head"))
         self._context_index = None

@@ -65,6 +65,7 @@ from defectkit.methods.base import (
     ScoreResult,
     check_images,
     loaded_array,
+    loaded_layers,
 )
 from defectkit.methods.parts.extract import feature_batches
 from defectkit.methods.parts.gaussian import (
@@ -99,6 +100,7 @@ class SyntheticDefects(AnomalyModel):
 
     name = "synthetic"
     summary = "segmentation head trained on synthetic defects (DRAEM-like) + Gaussian prior"
+    _built_from_settings = ("_extractor", "_head")
 
     def __init__(
         self,
@@ -175,14 +177,25 @@ class SyntheticDefects(AnomalyModel):
                     f"known: {list(SYNTH_KINDS)}"
                 )
 
+    def _settings_layers(self) -> list[str]:
+        """The layers the settings name, defaults filled in."""
+        if self.layers is None:
+            return default_synthetic_layers(self.backbone.split(":", 1)[0])
+        return [self.layers] if isinstance(self.layers, str) else list(self.layers)
+
     @property
     def extractor(self) -> FeatureExtractor:
+        """The backbone, built on first use for the layers the model was fitted (or
+        loaded) with, else the settings'."""
         if self._extractor is None:
-            if self.layers is None:
-                self.layers = default_synthetic_layers(self.backbone.split(":", 1)[0])
-            self._extractor = load_backbone(self.backbone, self.layers)
-            self.layers = list(self._extractor.layers)
+            layers = self.layers_ if hasattr(self, "layers_") else self._settings_layers()
+            self._extractor = load_backbone(self.backbone, layers)
         return self._extractor
+
+    def _drop_stale_extractor(self) -> None:
+        """Forget a backbone built for other layers than the model's (settings changed)."""
+        if self._extractor is not None and list(self._extractor.layers) != self.layers_:
+            self._extractor = None
 
     def _grid_layer(self) -> int:
         """The layer whose grid the head works on: the first of stride 8 (else the finest)."""
@@ -193,6 +206,8 @@ class SyntheticDefects(AnomalyModel):
     def fit(self, images: Sequence[Image], progress: Progress | None = None) -> SyntheticDefects:
         self._validate()
         images = check_images(images)
+        self.layers_ = self._settings_layers()
+        self._drop_stale_extractor()
         side = int(self.image_size)
         good = [resize_image(img, (side, side)) for img in images]
         fx = self.extractor
@@ -396,7 +411,6 @@ class SyntheticDefects(AnomalyModel):
     # -- persistence ------------------------------------------------------------
     def learned_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         self._require_fitted()
-        _ = self.extractor  # resolve default layers so they are saved explicitly
         arrays = {f"head.{k}": v for k, v in self.head_state_.items()}
         if hasattr(self, "prior_mean_"):
             arrays["prior.mean"] = self.prior_mean_
@@ -405,7 +419,7 @@ class SyntheticDefects(AnomalyModel):
             arrays["prior.scale"] = np.array([self.prior_scale_], np.float32)
         info = {
             "n_train_images": self.n_train_images_,
-            "layers": self.layers,
+            "layers": self.layers_,
             "grid": list(self.grid_) if self.grid_ else None,
             "train_loss": getattr(self, "train_loss_", None),
         }
@@ -413,12 +427,9 @@ class SyntheticDefects(AnomalyModel):
 
     def load_learned_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
         self._validate()
-        layers = info.get("layers")
-        if layers is not None:
-            if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
-                raise ModelFileError("synthetic model: layers must be a list of names")
-            self.layers = layers
-            self._extractor = None
+        # the layers it was fitted with (files that record none: the settings')
+        self.layers_ = loaded_layers(info, "layers", "synthetic") or self._settings_layers()
+        self._drop_stale_extractor()
         expected = SegHead(self.extractor.channels, int(self.hidden), self._grid_layer())
         state: dict[str, np.ndarray] = {}
         for key, ref in expected.state_dict().items():
@@ -427,7 +438,7 @@ class SyntheticDefects(AnomalyModel):
                 f"head.{key}",
                 tuple(ref.shape),
                 "synthetic",
-                detail=f"backbone {self.backbone!r}, layers {self.layers}, hidden {self.hidden}",
+                detail=f"backbone {self.backbone!r}, layers {self.layers_}, hidden {self.hidden}",
                 positive=key == "std",
             )
             state[key] = np.asarray(arr, dtype=np.float32)

@@ -58,11 +58,13 @@ BACKGROUNDS = ("local", "median", "none")
 POLARITIES = ("both", "dark", "bright")
 
 
-class Threshold(AnomalyModel):
-    """Robust z-scores of grey levels against good images, thresholded.
+class ThresholdMethod(AnomalyModel):
+    """Robust z-scores of grey levels against good images, thresholded (the method
+    ``"threshold"``; not :class:`~defectkit.decide.calibration.Threshold`, the OK/NG
+    decision any method's scores feed).
 
-    >>> model = Threshold(reference="global").fit(good_images)   # doctest: +SKIP
-    >>> model.score(new_images).extras[0]["defect_area_pct"]     # doctest: +SKIP
+    >>> model = ThresholdMethod(reference="global").fit(good_images)   # doctest: +SKIP
+    >>> model.score(new_images).extras[0]["defect_area_pct"]           # doctest: +SKIP
     """
 
     name = "threshold"
@@ -114,7 +116,7 @@ class Threshold(AnomalyModel):
         return out
 
     # -- contract ---------------------------------------------------------------
-    def fit(self, images: Sequence[Image], progress: Progress | None = None) -> Threshold:
+    def fit(self, images: Sequence[Image], progress: Progress | None = None) -> ThresholdMethod:
         self._validate()
         images = check_images(images)
         levels = self._levels(images, progress, "statistics")

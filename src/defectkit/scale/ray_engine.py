@@ -127,10 +127,10 @@ class InspectActor:
     ) -> None:
         import torch
 
-        from defectkit.detector import Detector
+        from defectkit.pipeline import load_detector
 
         torch.set_num_threads(max(1, threads))
-        self.det = Detector.load(model).set_precision(precision)
+        self.det = load_detector(model, "torch", precision)
         self.mm_per_pixel = mm_per_pixel
         self.rules = rules
         self.maps_out = None if maps_out is None else Path(maps_out)

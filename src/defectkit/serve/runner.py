@@ -32,9 +32,7 @@ def serve(
     import torch
     import uvicorn
 
-    from defectkit.detector import Detector
-    from defectkit.export.onnx_bundle import is_bundle
-    from defectkit.export.runtime import load_onnx_detector
+    from defectkit.pipeline import load_detector
     from defectkit.serve.app import create_app
     from defectkit.serve.spc import SpcMonitor
     from defectkit.serve.store import ResultStore
@@ -50,11 +48,8 @@ def serve(
             f"no --token or DEFECTKIT_TOKEN given; write token for this run: {token}",
             file=sys.stderr,
         )
-    if is_bundle(model):  # an ONNX bundle folder from `defectkit export`
-        det = load_onnx_detector(model, threads=max(1, threads))
-    else:
-        det = Detector.load(model)
-    det.set_precision(precision)
+    # a model file, or an ONNX bundle folder from `defectkit export` (onnxruntime)
+    det = load_detector(model, "auto", precision, threads=max(1, threads))
     store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
     app = create_app(
         det,

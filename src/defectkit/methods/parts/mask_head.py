@@ -23,6 +23,7 @@ grid cell.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
@@ -31,11 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectkit.errors import ConfigError
+from defectkit.params import check_names
 
 __all__ = [
     "DILATIONS",
     "SETTINGS",
     "MaskHead",
+    "MaskHeadSettings",
     "check_masks",
     "check_settings",
     "grid_mask",
@@ -44,8 +47,35 @@ __all__ = [
 
 #: dilations of the head's 3x3 convolutions
 DILATIONS = (1, 2, 4)
-#: the mask head settings a method takes (defaults: PatchCore.fit_mask_head)
-SETTINGS = ("weight", "hidden", "steps", "max_goods")
+
+
+@dataclass(frozen=True)
+class MaskHeadSettings:
+    """The mask head settings a method's ``fit_mask_head`` takes, checked when made
+    (defaults: PatchCore.fit_mask_head's): ``weight`` of the head's probability in
+    the map, in units of the good patch scores' spread; the head's ``hidden``
+    channels; training ``steps``; at most ``max_goods`` good images to learn from."""
+
+    weight: float = 15.0
+    hidden: int = 32
+    steps: int = 800
+    max_goods: int = 200
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            key, value = f.name, getattr(self, f.name)
+            if key == "weight":
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+                want = "a number > 0"
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                want = "a whole number >= 1"
+            if not ok:
+                raise ConfigError(f"mask head setting {key} must be {want}, got {value!r}")
+
+
+#: the mask head setting names
+SETTINGS = tuple(f.name for f in fields(MaskHeadSettings))
 
 
 class MaskHead(nn.Module):
@@ -74,18 +104,8 @@ class MaskHead(nn.Module):
 def check_settings(settings: dict[str, object]) -> None:
     """Raise :class:`~defectkit.errors.ConfigError` for an unknown mask head setting or
     a value out of range (``weight`` > 0; the others whole numbers >= 1)."""
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise ConfigError(f"mask head has no setting(s) {unknown}; known: {sorted(SETTINGS)}")
-    for key, value in settings.items():
-        if key == "weight":
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-            want = "a number > 0"
-        else:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            want = "a whole number >= 1"
-        if not ok:
-            raise ConfigError(f"mask head setting {key} must be {want}, got {value!r}")
+    check_names("mask head", settings, SETTINGS)
+    MaskHeadSettings(**settings)  # type: ignore[arg-type]
 
 
 def check_masks(shapes: Sequence[tuple[int, int]], masks: Sequence[np.ndarray]) -> None:

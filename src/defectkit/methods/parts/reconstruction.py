@@ -34,7 +34,14 @@ from torch import Tensor, nn
 
 from defectkit.backbones import FeatureExtractor, load_backbone
 from defectkit.errors import ConfigError, ModelFileError
-from defectkit.methods.base import AnomalyModel, Image, Progress, ScoreResult, check_images
+from defectkit.methods.base import (
+    AnomalyModel,
+    Image,
+    Progress,
+    ScoreResult,
+    check_images,
+    loaded_layers,
+)
 from defectkit.methods.parts.embedding import patch_embedding
 from defectkit.methods.parts.extract import feature_batches
 from defectkit.methods.parts.maps import top_mean, upsample_map
@@ -79,7 +86,6 @@ class ReconstructionInput:
         if self._extractor is None:
             with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG
                 self._extractor = load_backbone(self.backbone, self.layers)
-            self.layers = list(self._extractor.layers)
         return self._extractor
 
     def channels(self) -> int:
@@ -320,7 +326,7 @@ def input_state(inp: ReconstructionInput) -> tuple[dict[str, np.ndarray], dict[s
     assert inp.mean is not None and inp.std is not None
     return (
         {"input.mean": inp.mean.numpy().astype(np.float32), "input.std": inp.std.numpy()},
-        {"layers": inp.layers if inp.space == "features" else None},
+        {"layers": list(inp.extractor.layers) if inp.space == "features" else None},
     )
 
 
@@ -488,9 +494,12 @@ class ReconstructionModel(AnomalyModel):
         self._validate_extra()
 
     def _inputs(self) -> ReconstructionInput:
+        """What the networks see: built on first use for the layers the model was
+        fitted (or loaded) with, else the settings'."""
         if self._input is None:
+            layers = self.layers_ if hasattr(self, "layers_") else self.layers
             self._input = ReconstructionInput(
-                self.space, self.image_size, self.backbone, self.layers, batch_size=8
+                self.space, self.image_size, self.backbone, layers, batch_size=8
             )
         return self._input
 
@@ -534,8 +543,10 @@ class ReconstructionModel(AnomalyModel):
     def fit(self, images: Sequence[Image], progress: Progress | None = None) -> ReconstructionModel:
         self._validate()
         images = check_images(images, min_count=2)
-        inp = self._inputs()
-        inp.mean = inp.std = None
+        # from the settings, whatever an earlier fit or model file left
+        inp = self._input = ReconstructionInput(
+            self.space, self.image_size, self.backbone, self.layers, batch_size=8
+        )
         x = inp.fit_stats(inp.all(images, progress, "features"))
         nets = self._build(x.shape[1])
         self._nets = nets
@@ -550,7 +561,7 @@ class ReconstructionModel(AnomalyModel):
         if self.normalise:
             self._norm = self._scales(x)
             self._norm.update(self._grid_stats(x))
-        self.layers = inp.layers if self.space == "features" else self.layers
+        self.layers_ = list(inp.extractor.layers) if self.space == "features" else None
         self.grid_ = [int(x.shape[-2]), int(x.shape[-1])]
         self.n_train_images_ = len(images)
         del self._optimisers
@@ -630,9 +641,10 @@ class ReconstructionModel(AnomalyModel):
 
     def load_learned_state(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
         self._validate()
-        if self.space == "features" and info.get("layers") is not None:
-            self.layers = list(info["layers"])
-            self._input = None
+        # the layers it was fitted with (files that record none: the settings')
+        layers = loaded_layers(info, "layers", self._owner) if self.space == "features" else None
+        self.layers_ = layers or (self.layers if self.space == "features" else None)
+        self._input = None
         inp = self._inputs()
         channels = inp.channels()
         load_input_state(inp, arrays, channels, self._owner)

@@ -1,0 +1,3 @@
+from defectkit.cli import app
+
+app()

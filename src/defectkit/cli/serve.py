@@ -1,0 +1,86 @@
+"""``defectkit serve`` (the inspection service and dashboard) and
+``defectkit export-labels`` (its reviewed results as a labelled set)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from defectkit.cli.common import PRECISION_HELP, command, fail, out
+
+#: the results database, shared by the service and what reads its results
+DbOption = Annotated[
+    str | None,
+    typer.Option(help="database URL (postgresql://...); default SQLite in --data-dir"),
+]
+
+
+@command()
+def serve(
+    model: Annotated[
+        Path, typer.Argument(help="model file from `defectkit fit`, or an ONNX bundle folder")
+    ],
+    db: DbOption = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="SQLite file and stored images and overlays (by hash)")
+    ] = Path("defectkit-results"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    token: Annotated[
+        str | None, typer.Option(help="API token for write endpoints (or env DEFECTKIT_TOKEN)")
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload, MiB")] = 20.0,
+    webhook: Annotated[str | None, typer.Option(help="URL to POST SPC alarms to")] = None,
+    spc_baseline: Annotated[int, typer.Option(help="good parts that set the SPC baseline")] = 100,
+    threads: Annotated[int, typer.Option(help="torch threads of the scoring worker")] = 2,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
+) -> None:
+    """Run the inspection service and dashboard (see defectkit/serve/app.py)."""
+    from defectkit.export.onnx_bundle import is_bundle
+    from defectkit.serve.runner import serve as run_service
+
+    if not (model.is_file() or is_bundle(model)):
+        raise fail(f"{model}: no such model file or ONNX bundle folder")
+    if max_upload_mb <= 0 or spc_baseline < 5:
+        raise fail("--max-upload-mb must be > 0 and --spc-baseline at least 5")
+    run_service(
+        model,
+        db=db,
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        token=token,
+        max_upload_mb=max_upload_mb,
+        webhook=webhook,
+        baseline=spc_baseline,
+        threads=threads,
+        precision=precision,
+    )
+
+
+@command("export-labels")
+def export_labels(
+    out_dir: Annotated[
+        Path, typer.Argument(help="folder to write <class>/<id>.<ext> and labels.csv")
+    ],
+    db: DbOption = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="the service's --data-dir (SQLite file, stored images)")
+    ] = Path("defectkit-results"),
+) -> None:
+    """Write reviewed results of the service as a labelled dataset (class folders + CSV)."""
+    from defectkit.serve.export import export_labels as run_export
+    from defectkit.serve.runner import default_db_url
+    from defectkit.serve.store import ResultStore
+
+    if db is None and not (data_dir / "results.db").is_file():
+        raise fail(f"{data_dir / 'results.db'}: no results database (give --data-dir or --db)")
+    store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+    try:
+        counts = run_export(store, out_dir)
+    finally:
+        store.close()
+    total = sum(counts.values())
+    out.print(f"{total} reviewed image(s) written to {out_dir}: {counts}")
