@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,9 +27,11 @@ from defectkit.detector import Detector
 from defectkit.errors import ConfigError, DatasetError
 from defectkit.methods.base import Progress
 from defectkit.pipeline.loading import load
-from defectkit.report.collect import ScoredSet, score_samples
 from defectkit.scale.local_pool import WorkerPool, auto_jobs, single_threaded
 from defectkit.tiling import Tiling
+
+if TYPE_CHECKING:  # the report's metrics pull in scikit-learn: not for every worker
+    from defectkit.report.collect import ScoredSet
 
 #: calibration targets: a false-alarm rate (good images only), a miss rate, or best F1
 TARGETS = ("false-alarm-rate", "miss-rate", "f1")
@@ -87,6 +89,8 @@ def score_dataset(
 ) -> ScoredSet:
     """Every sample scored once by ``det`` (as :meth:`Detector.score` scores, tiles
     and all), with its mask; some batches in ``pool``'s workers when given."""
+    from defectkit.report.collect import score_samples
+
     return score_samples(
         det, samples, progress, batch_size=batch_size, keep_maps=keep_maps, stage=stage, pool=pool
     )
