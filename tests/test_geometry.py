@@ -51,10 +51,23 @@ def test_auto_learns_the_aspect_and_scores_on_a_non_square_grid(auto_model: Patc
     grid = res.extras[0]["grid"]
     assert grid == [12, 36]  # not squashed: 96 px high, 3 times that wide, stride 8
     assert res.maps[0].shape == (48, 144)
-    squashed = PatchCore(image_size=96, coreset_ratio=0.1).fit(
+    squashed = PatchCore(image_size=96, coreset_ratio=0.1, keep_aspect=False).fit(
         _elongated(8, np.random.default_rng(5))
     )
     assert squashed.score(_elongated(1, np.random.default_rng(6))).extras[0]["grid"] == [12, 12]
+
+
+def test_the_default_keeps_one_shape_and_squashes_mixed_ones() -> None:
+    """The working geometry comes from the data by default: images of one elongated
+    shape keep it; crops in both orientations are squashed to a square."""
+    model = PatchCore(image_size=96, coreset_ratio=0.1)
+    assert model.keep_aspect == "auto"
+    model.fit(_elongated(4, np.random.default_rng(5)))
+    assert model.input_aspect_ == pytest.approx(3.0)
+    rng = np.random.default_rng(8)
+    mixed = _elongated(2, rng) + [np.ascontiguousarray(im.transpose(1, 0, 2)) for im in
+                                  _elongated(2, rng)]  # fmt: skip
+    assert PatchCore(image_size=96, coreset_ratio=0.1).fit(mixed).input_aspect_ == 1.0
 
 
 def test_the_working_aspect_travels_with_the_model_file(auto_model: PatchCore, tmp_path) -> None:
