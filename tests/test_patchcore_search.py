@@ -80,3 +80,18 @@ def test_files_without_a_chosen_search_use_the_setting(
         bad.load_learned_state(arrays, {**info, "nn_search": "fast"})
     with pytest.raises(ConfigError, match="nn_search must be 'auto', 'exact' or 'hnsw'"):
         PatchCore(nn_search="fast")._validate()
+
+
+def test_fit_says_which_geometry_and_search_it_chose(demo_root, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from defectkit.cli import app
+
+    out = str(tmp_path / "m.dkm")
+    args = ["fit", str(demo_root), "--out", out, "-q", "-p", "image_size=64"]
+    res = CliRunner().invoke(app, [*args, "-p", "coreset_ratio=0.1"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "working size 64x64 px from the training images" in text
+    model = Detector.load(tmp_path / "m.dkm").model
+    assert f"nearest-neighbour search: {model.search} (HNSW found the true nearest" in text

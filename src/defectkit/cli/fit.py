@@ -205,7 +205,10 @@ def fit(
 
 
 def _print_fitted(det: Any) -> None:
-    """What the detector learned: its thresholds, re-scorer, mask head, classifier."""
+    """What the detector learned: its geometry and search, thresholds, re-scorer,
+    mask head, classifier."""
+    for note in det.model.fit_notes():
+        err.print(note, highlight=False)
     thr = det.threshold
     if thr is not None:
         err.print(

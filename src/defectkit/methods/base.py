@@ -82,6 +82,11 @@ class AnomalyModel(Params, ABC):
     def score(self, images: Sequence[Image]) -> ScoreResult:
         """Score ``images``; needs a fitted model."""
 
+    def fit_notes(self) -> list[str]:
+        """What the fitted method chose from its training images by itself (input
+        geometry, search), one line each, for ``fit`` to say; none by default."""
+        return []
+
     # -- learned state ----------------------------------------------------------
     @abstractmethod
     def learned_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
