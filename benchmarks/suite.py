@@ -319,7 +319,10 @@ def main() -> None:
             "- a variant's settings are its fit arguments on top of the defaults of the "
             "commit it was measured at: the PatchCore ablations (aspect, auto, ctx128, "
             "noglobal, nophoto, nopos, pw10, pw30, sigma6, size320) were measured against "
-            "the former default position_weight=100, `default` with the current 30",
+            "position_weight=100, squashed to 256 px square, HNSW search; `exact` and "
+            "`exact-auto` against position_weight 30, square, HNSW; `former` is that "
+            "last default (`keep_aspect=false`, `nn_search=hnsw`) measured beside "
+            "`default`, which learns its working aspect and checks its search",
             "- each row's model keeps its full settings: `defectkit info` (the script records "
             "them as `params`)",
             "",
