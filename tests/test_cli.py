@@ -19,7 +19,7 @@ def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tmp_path_factory.mktemp("model") / "stone.dkm"
     return cli_fit(
         demo_root, model, "--param", "image_size=96", "--param", "coreset_ratio=0.1",
-        "--calibration-fraction", "0.25",
+        "--calibration-fraction", "0.25", "--few-shot-below", "0",
     )  # fmt: skip
 
 
@@ -48,7 +48,18 @@ def test_fit_warns_and_fits_a_tail_when_too_few_images_hold_out(
 ) -> None:
     model = tmp_path / "m.dkm"
     args = ["fit", str(demo_root), "--out", str(model), "-q", "-p", "image_size=96"]
-    res = runner.invoke(app, [*args, "-p", "coreset_ratio=0.1", "--calibration-fraction", "0.5"])
+    res = runner.invoke(
+        app,
+        [
+            *args,
+            "-p",
+            "coreset_ratio=0.1",
+            "--calibration-fraction",
+            "0.5",
+            "--few-shot-below",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "warning: 8 held-out good image(s) cannot certify a 1.0% false-alarm rate" in text

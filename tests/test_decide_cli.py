@@ -26,9 +26,9 @@ FAST = ["-q", "-p", "image_size=96", "-p", "coreset_ratio=0.1"]
 @pytest.fixture(scope="module")
 def model(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("decide") / "stone.dkm"
-    res = runner.invoke(
-        app, ["fit", str(demo_root), "--out", str(path), *FAST, "--calibration-fraction", "0.25"]
-    )
+    # held-out images (no few-shot mode): the tests below count them
+    held_out = ["--calibration-fraction", "0.25", "--few-shot-below", "0"]
+    res = runner.invoke(app, ["fit", str(demo_root), "--out", str(path), *FAST, *held_out])
     assert res.exit_code == 0, res.output
     return path
 

@@ -231,7 +231,7 @@ def test_detector_keeps_calibration_maps_on_disk_above_the_budget(
 
     decoded = [load_image(p) for p in files]
     params = {"image_size": 96, "coreset_ratio": 0.1}
-    a = Detector.fit(decoded, "patchcore", params, calibration_fraction=0.4)
+    a = Detector.fit(decoded, "patchcore", params, calibration_fraction=0.4, few_shot_below=0)
     written: list[Path] = []
     real_append = map_store.SavedMaps.append
 
@@ -242,7 +242,14 @@ def test_detector_keeps_calibration_maps_on_disk_above_the_budget(
     monkeypatch.setattr(map_store.SavedMaps, "append", spy)
     monkeypatch.setattr(detector_module, "_MAP_CHUNK", 4)  # 8 calibration images: 2 chunks
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    b = Detector.fit(ImageFiles(files), "patchcore", params, calibration_fraction=0.4, map_memory=0)
+    b = Detector.fit(
+        ImageFiles(files),
+        "patchcore",
+        params,
+        calibration_fraction=0.4,
+        map_memory=0,
+        few_shot_below=0,
+    )
     assert len(written) == 8 and all(p.parent.parent == tmp_path for p in written)
     assert not any(p.exists() for p in written) and not list(tmp_path.iterdir())  # cleaned up
     assert a.threshold == b.threshold

@@ -128,7 +128,7 @@ def test_bad_training_inputs_are_refused() -> None:
 def pair(surface_set: dict) -> dict:
     """The same detector fitted without and with masks of the first 4 defects."""
     train, bad, masks = surface_set["train"], surface_set["bad"], surface_set["masks"]
-    plain = Detector.fit(train, "patchcore", FAST, calibration_fraction=0.25)
+    plain = Detector.fit(train, "patchcore", FAST, calibration_fraction=0.25, few_shot_below=0)
     taught = Detector.fit(
         train,
         "patchcore",

@@ -173,7 +173,8 @@ def test_pipeline_fit_gives_what_the_cli_writes(demo_root: Path, tmp_path: Path)
         params={"backbone": "efficientnet-lite0", "image_size": 64, "coreset_ratio": 0.1}
     )
     result = pipeline.fit(settings, pipeline.FitData(demo_root))
-    assert result.errors == [] and result.notes == []
+    assert result.errors == []
+    assert [n.split(":")[0] for n in result.notes] == ["few-shot mode"]  # 16 good images
     a, b = Detector.load(model), result.detector
     assert a.threshold is not None and b.threshold is not None
     assert a.threshold.value == pytest.approx(b.threshold.value, rel=1e-6)

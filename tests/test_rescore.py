@@ -124,7 +124,9 @@ FAST = {"image_size": 96, "coreset_ratio": 0.1}
 
 
 def test_without_defects_the_detector_is_the_unsupervised_one(surface_set: dict) -> None:
-    plain = Detector.fit(surface_set["train"], "patchcore", FAST, calibration_fraction=0.25)
+    plain = Detector.fit(
+        surface_set["train"], "patchcore", FAST, calibration_fraction=0.25, few_shot_below=0
+    )
     empty = Detector.fit(
         surface_set["train"], "patchcore", FAST, calibration_fraction=0.25, defect_images=[]
     )
@@ -169,7 +171,7 @@ def test_semi_supervised_detector_end_to_end(
         rescore_params=SMALL,
         defect_paths=[f"d{i}.png" for i in range(4)],
     )
-    plain = Detector.fit(train, "patchcore", FAST, calibration_fraction=0.25)
+    plain = Detector.fit(train, "patchcore", FAST, calibration_fraction=0.25, few_shot_below=0)
     semi = det.info["semi_supervised"]
     assert semi["used"] and semi["n_good"] == 5 and semi["n_defect"] == 4
     assert len(semi["defect_images"]) == 4

@@ -38,7 +38,8 @@ from defectkit.decide.calibration import (
     rounded_scores,
     threshold_for_false_alarm_rate,
 )
-from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
+from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA, FEW_SHOT_BELOW
+from defectkit.decide.few_shot import counted_by_images, left_out_scores
 from defectkit.decide.map_store import SavedMaps
 from defectkit.decide.regions import Region, locate_regions
 from defectkit.decide.rescore import EVIDENCE, DefectRescorer
@@ -184,6 +185,7 @@ class Detector:
         map_memory: int = DEFAULT_IMAGE_MEMORY,
         defect_masks: Sequence[np.ndarray] | None = None,
         mask_head_params: dict[str, Any] | None = None,
+        few_shot_below: int = FEW_SHOT_BELOW,
     ) -> Detector:
         """Fit ``method`` on good images and calibrate its thresholds on good images
         held out from fitting (or on ``calibration_images`` when given).
@@ -211,6 +213,12 @@ class Detector:
         The calibration images' maps (H x W x 4 bytes each) are held in memory up
         to ``map_memory`` bytes; above it they are scored in chunks and kept in a
         temporary folder until the pixel threshold is set (same threshold).
+
+        Few-shot mode: with fewer than ``few_shot_below`` good images, no separate
+        calibration images and no defect images, a method tagged ``leave_one_out``
+        fits on every image and both thresholds come from their leave-one-out
+        scores and copies (:mod:`defectkit.decide.few_shot`); ``info["few_shot"]``
+        says so. ``calibration_fraction`` 0 still means no calibration.
         """
         model_cls = get_method(method)
         params = dict(params or {})
@@ -218,7 +226,19 @@ class Detector:
         model = model_cls(**params)
         if paths is not None and len(paths) != len(images):
             raise ConfigError(f"{len(paths)} paths for {len(images)} images; give one per image")
-        if calibration_images is None:
+        few_shot = (
+            model.leave_one_out
+            and calibration_images is None
+            and calibration_fraction > 0
+            and defect_images is None
+            and defect_masks is None
+            and len(images) < few_shot_below
+        )
+        if few_shot:
+            fit_set, cal_set = _as_sequence(images), []
+            fit_paths = None if paths is None else list(paths)
+            cal_paths = None
+        elif calibration_images is None:
             fit_idx, cal_idx = split_for_calibration(len(images), calibration_fraction, seed)
             fit_set, cal_set = take(images, fit_idx), take(images, cal_idx)
             fit_paths = None if paths is None else [paths[i] for i in fit_idx]
@@ -253,6 +273,10 @@ class Detector:
             raise ConfigError(
                 "semi-supervised fitting (defect images) needs held-out good images: "
                 "a calibration fraction > 0 or calibration images"
+            )
+        if few_shot:
+            det._calibrate_left_out(
+                fit_set, false_alarm_rate, max_false_regions, min_region_area, progress
             )
         if cal_set:
             cal_scores = det._calibrate(
@@ -348,6 +372,25 @@ class Detector:
         self.threshold = threshold
         self.info["calibration_scores"] = rounded_scores(scores)
         return scores
+
+    def _calibrate_left_out(
+        self,
+        images: Sequence[Image],
+        false_alarm_rate: float,
+        max_false_regions: float,
+        min_region_area: int,
+        progress: Progress | None,
+    ) -> None:
+        """Few-shot thresholds from the fitted ``images`` themselves, each scored as
+        if left out, and their kept copies (:mod:`defectkit.decide.few_shot`)."""
+        found = left_out_scores(self.model, images, progress)
+        threshold = threshold_for_false_alarm_rate(found.scores, false_alarm_rate)
+        self.threshold = counted_by_images(threshold, found)
+        self.pixel_threshold = pixel_threshold_for_false_regions(
+            found.maps, max_false_regions, min_area=min_region_area, cap=threshold.value
+        )
+        self.info["calibration_scores"] = rounded_scores(found.plain)
+        self.info["few_shot"] = found.summary()
 
     # -- use --------------------------------------------------------------------
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
@@ -640,6 +683,13 @@ class Detector:
                 if key in info:
                     what = "scores" if key.endswith("scores") else "paths"
                     info[key] = f"{len(info[key])} {what} (`defectkit info --full` lists them)"
+            few = info.get("few_shot")
+            if few is not None and "copy_scores" in few:
+                n = sum(len(v) for v in few["copy_scores"].values())
+                info["few_shot"] = {
+                    **few,
+                    "copy_scores": f"{n} scores (`defectkit info --full` lists them)",
+                }
         out = {
             "method": self.model.name,
             "params": self.model.get_params(),

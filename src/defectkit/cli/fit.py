@@ -23,7 +23,7 @@ from defectkit.cli.common import (
     write_error,
 )
 from defectkit.data.files import DEFAULT_IMAGE_MEMORY
-from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
+from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA, FEW_SHOT_BELOW
 
 
 @command()
@@ -47,6 +47,14 @@ def fit(
     calibration_fraction: Annotated[
         float, typer.Option(help="share of good images held out to calibrate")
     ] = 0.1,
+    few_shot_below: Annotated[
+        int,
+        typer.Option(
+            help="with fewer good images than this, fit on all of them and set the thresholds "
+            "from their leave-one-out scores (few-shot mode; 0: never)",
+            min=0,
+        ),
+    ] = FEW_SHOT_BELOW,
     calibration_dir: Annotated[
         Path | None,
         typer.Option(
@@ -174,6 +182,7 @@ def fit(
             calibration_fraction=calibration_fraction,
             max_false_regions=max_false_regions,
             min_region_area=min_region_area,
+            few_shot_below=few_shot_below,
         ),
         tiling=tiling_option(tile, tile_overlap, tile_blend),
         min_defect_px=min_defect_px,
@@ -213,8 +222,9 @@ def _print_fitted(det: Any) -> None:
     if thr is not None:
         err.print(
             f"threshold {thr.value:.4g} for a {thr.target:.1%} false-alarm rate "
-            f"(calibrated on {thr.n_good} held-out good images; 95% upper bound on the "
-            f"rate {thr.false_alarm_upper:.1%})",
+            f"(calibrated on {thr.n_good} "
+            f"{'fitted good images, each left out' if thr.left_out else 'held-out good images'}"
+            f"; 95% upper bound on the rate {thr.false_alarm_upper:.1%})",
             highlight=False,
         )
         warn_calibration(thr)

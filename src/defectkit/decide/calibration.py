@@ -47,6 +47,10 @@ class Threshold:
     tail_rate: float | None = None
     #: held-out good images needed to certify ``target`` (95% bound, none above)
     n_to_certify: int | None = None
+    #: set on the fitted images' leave-one-out scores (few-shot mode), not held-out ones
+    left_out: bool = False
+    #: copies of them (mirrored, turned, relit) pooled with those scores
+    n_copies: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,9 +172,20 @@ def rounded_scores(scores: np.ndarray) -> list[float]:
 def calibration_warning(thr: Threshold) -> str | None:
     """What a user must know about a false-alarm-rate threshold that its held-out
     images cannot certify; None when they can (or for other rules)."""
-    if thr.rule != "false-alarm-rate" or thr.target is None or thr.estimator == "conformal":
+    if thr.rule != "false-alarm-rate" or thr.target is None:
         return None
     n, target = thr.n_good, thr.target
+    if thr.left_out:
+        return (
+            f"few-shot mode: {n} good image(s), all fitted; the threshold comes from their "
+            f"leave-one-out scores and {thr.n_copies} mirrored, turned or relit copies "
+            f"({thr.estimator} of the pooled scores). They bound the false-alarm rate at "
+            f"{thr.false_alarm_upper:.1%} (95%), not the {target:.1%} target: "
+            f"{thr.n_to_certify} held-out good images would be needed. As good parts "
+            "accumulate, `defectkit calibrate MODEL GOOD_DIR` sets it on them."
+        )
+    if thr.estimator == "conformal":
+        return None
     how = (
         f"the threshold comes from a log-normal tail fitted to their scores (its estimate "
         f"{thr.tail_rate:.2%}, a model's, not a bound)"

@@ -4,3 +4,7 @@
 DEFAULT_MIN_AREA = 25
 #: target of the pixel threshold: regions per good image
 DEFAULT_MAX_FALSE_REGIONS = 0.1
+
+#: fewest good images at which fit holds some out to calibrate; below it, few-shot
+#: mode (all fitted, thresholds from leave-one-out scores: decide.few_shot)
+FEW_SHOT_BELOW = 32

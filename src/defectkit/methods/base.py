@@ -73,6 +73,10 @@ class AnomalyModel(Params, ABC):
     #: settings a model fitted on tiles takes unless the user chose them: whole-part
     #: settings that would treat each tile as a part (see :mod:`defectkit.tiling`)
     tile_settings: ClassVar[dict[str, Any]] = {}
+    #: scores its training images as if fitted without each (``score_left_out``) at
+    #: the cost of a search, not a refit: a fit on a few good images then
+    #: calibrates on all of them (:mod:`defectkit.decide.few_shot`)
+    leave_one_out: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, images: Sequence[Image]) -> AnomalyModel:
@@ -81,6 +85,17 @@ class AnomalyModel(Params, ABC):
     @abstractmethod
     def score(self, images: Sequence[Image]) -> ScoreResult:
         """Score ``images``; needs a fitted model."""
+
+    def score_left_out(
+        self,
+        images: Sequence[Image],
+        queries: Sequence[tuple[int, Image]],
+        progress: Progress | None = None,
+    ) -> ScoreResult:
+        """Score each query ``(i, image)`` as if fitted without training image ``i``;
+        ``images`` are the training images, as fitted. For methods tagged
+        ``leave_one_out``."""
+        raise ConfigError(f"method {self.name!r} cannot score with a training image left out")
 
     def fit_notes(self) -> list[str]:
         """What the fitted method chose from its training images by itself (input

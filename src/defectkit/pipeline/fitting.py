@@ -119,7 +119,16 @@ def fit(settings: FitSettings, data: FitData, progress: Progress | None = None) 
             map_memory=settings.image_memory,
             defect_masks=masks,
             mask_head_params=dict(settings.mask_head),
+            few_shot_below=cal.few_shot_below,
         )
+        few = det.info.get("few_shot")
+        if few is not None:
+            kept = ", ".join(few["copies_kept"]) or "none"
+            notes.append(
+                f"few-shot mode: {few['n_images']} good images (fewer than "
+                f"{cal.few_shot_below}): all fitted, the thresholds from their leave-one-out "
+                f"scores and {few['n_copies']} copies (kinds kept: {kept})"
+            )
     if type_items is not None:
         from defectkit.classify.workflow import fit_classifier
 

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from defectkit.data.files import DEFAULT_IMAGE_MEMORY
-from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA
+from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA, FEW_SHOT_BELOW
 from defectkit.errors import ConfigError
 from defectkit.tiling import Tiling
 
@@ -63,6 +63,9 @@ class CalibrationSettings:
     max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS
     #: regions smaller than this many px are dropped as specks
     min_region_area: int = DEFAULT_MIN_AREA
+    #: fewer good images than this: all fitted, thresholds from leave-one-out scores
+    #: (few-shot mode, methods tagged ``leave_one_out``); 0: never
+    few_shot_below: int = FEW_SHOT_BELOW
 
     def __post_init__(self) -> None:
         if not 0 <= self.calibration_fraction < 1:
@@ -75,6 +78,8 @@ class CalibrationSettings:
             raise ConfigError(f"--max-false-regions must be >= 0, got {self.max_false_regions}")
         if self.min_region_area < 1:
             raise ConfigError(f"--min-region-area must be >= 1 pixel, got {self.min_region_area}")
+        if self.few_shot_below < 0:
+            raise ConfigError(f"--few-shot-below must be >= 0, got {self.few_shot_below}")
 
 
 @dataclass(frozen=True)
