@@ -6,7 +6,7 @@ Exit codes: 0 success; 1 some input files failed (the rest were processed);
 2 bad usage, settings, dataset or model file.
 
 One module per command group: ``fit``, ``inspect``, ``evaluate`` (and ``report``),
-``calibrate``, ``serve`` (and ``export-labels``), ``tools`` (``methods``,
+``calibrate``, ``serve`` (and ``export-labels``, ``watch``), ``tools`` (``methods``,
 ``info``, ``export``, ``demo``); ``common`` holds the app and what they share.
 """
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from defectkit.cli.common import PRECISION_HELP, command, fail, out
+from defectkit.cli.common import PRECISION_HELP, command, err, fail, out
 
 #: the results database, shared by the service and what reads its results
 DbOption = Annotated[
@@ -84,3 +84,82 @@ def export_labels(
         store.close()
     total = sum(counts.values())
     out.print(f"{total} reviewed image(s) written to {out_dir}: {counts}")
+
+
+@command()
+def watch(
+    model: Annotated[
+        Path, typer.Argument(help="model file from `defectkit fit`, or an ONNX bundle folder")
+    ],
+    folder: Annotated[Path, typer.Argument(help="hot folder the camera writes images to")],
+    db: DbOption = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="SQLite file and stored images and overlays (by hash)")
+    ] = Path("defectkit-results"),
+    move_to: Annotated[
+        Path | None,
+        typer.Option(help="move each inspected file to MOVE_TO/ok, /ng or /error"),
+    ] = None,
+    settle: Annotated[
+        float,
+        typer.Option(
+            help="seconds a file's size must stay unchanged before it is read (or write "
+            "NAME.done beside it)"
+        ),
+    ] = 1.0,
+    poll: Annotated[float, typer.Option(help="seconds between looks at the folder")] = 0.5,
+    line: Annotated[str | None, typer.Option(help="production line stored with results")] = None,
+    lot: Annotated[str | None, typer.Option(help="lot stored with results")] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="inspect what is complete now, then exit")
+    ] = False,
+    threads: Annotated[int, typer.Option(help="torch threads for scoring")] = 2,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
+) -> None:
+    """Inspect every image that appears in FOLDER once, store it as `serve` does
+    (same database, dashboard and SPC), print one JSON line per file."""
+    import json
+    import logging
+    import sys
+    import threading
+
+    import torch
+
+    from defectkit.pipeline import load_detector
+    from defectkit.serve.runner import default_db_url
+    from defectkit.serve.store import ResultStore
+    from defectkit.serve.watch import HotFolder, Outcome, WatchSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not (model.is_file() or model.is_dir()):
+        raise fail(f"{model}: no such model file or ONNX bundle folder")
+    # --once reads what is there now: nothing is still being written
+    settings = WatchSettings(
+        folder,
+        move_to=move_to,
+        settle_seconds=0.0 if once else settle,
+        poll_seconds=poll,
+        line=line,
+        lot=lot,
+    )
+    torch.set_num_threads(max(1, threads))
+    det = load_detector(model, "auto", precision, threads=max(1, threads))
+    store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+    hot = HotFolder(det, store, settings)
+
+    def say(outcome: Outcome) -> None:
+        sys.stdout.write(json.dumps(outcome.to_dict()) + "\n")
+        sys.stdout.flush()
+
+    try:
+        if once:
+            for outcome in hot.step():
+                say(outcome)
+        else:
+            hot.run(threading.Event(), on_outcome=say)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(hot.counts.items())) or "nothing"
+    err.print(f"watch: {counts}", highlight=False)

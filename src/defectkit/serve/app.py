@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import io
 import logging
 import threading
 import time
@@ -39,11 +38,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Form, Header, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from PIL import Image
 from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -51,7 +48,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from defectkit.data.images import decode_image_bytes
 from defectkit.detector import Detector
 from defectkit.errors import ImageError
-from defectkit.serve.inspection import inspect_image
+from defectkit.serve.inspection import DB_UNAVAILABLE, inspect_image, store_result
+from defectkit.serve.inspection import replay as replay_results
 from defectkit.serve.spc import SpcMonitor
 from defectkit.serve.store import ResultStore
 
@@ -61,10 +59,6 @@ DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_TEXT = 200
-#: results replayed into the SPC charts at start
-REPLAY = 50_000
-#: what a database that is down, locked or unreachable raises (answered with 503)
-DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError)
 #: seconds a client is asked to wait before retrying while the database is down
 RETRY_AFTER = 5
 
@@ -94,12 +88,6 @@ class _Metrics:
                     break
             else:
                 self.latency_buckets[-1] += 1
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def _text(value: str | None, name: str) -> str | None:
@@ -146,17 +134,9 @@ def create_app(
     replay_pending = True
 
     def replay() -> None:
-        """Feed stored results (the newest REPLAY) to the charts, once, so that they
-        continue after a restart. Rows are read before any is fed: a database
-        failure midway leaves the charts untouched for the next try."""
+        """Feed stored results to the charts, once (:func:`replay_results`)."""
         nonlocal replay_pending
-        total = store.count()
-        rows = store.query(limit=REPLAY, offset=max(0, total - REPLAY), newest_first=False).items
-        for row in rows:
-            monitor.update(
-                row.score, row.is_defect, lot=row.lot, created_at=row.created_at,
-                result_id=row.id, notify=False,
-            )  # fmt: skip
+        replay_results(store, monitor)
         replay_pending = False
 
     try:
@@ -219,7 +199,7 @@ def create_app(
         try:
             if replay_pending:  # the database was down at start
                 replay()
-            row = store.add(ins.record, data, _png(ins.overlay), filename=name, **meta)
+            row, events = store_result(store, monitor, ins, data, name, meta)
         except DB_UNAVAILABLE as e:
             # no row was committed: the client may send the image again, and it is
             # then recorded once
@@ -229,16 +209,6 @@ def create_app(
                 "recorded; send the image again",
                 headers={"Retry-After": str(RETRY_AFTER)},
             ) from None
-        events = monitor.update(
-            row.score, row.is_defect, lot=row.lot, created_at=row.created_at, result_id=row.id
-        )
-        for e in events:
-            try:
-                store.add_alarm(e.chart, e.rule, e.message, e.result_id)
-            except DB_UNAVAILABLE as exc:
-                # the result is committed: answering 503 now would make the client
-                # send it again and record it twice; the alarm stays in /spc
-                log.warning("SPC alarm not stored (%s): %s", _brief(exc), e.message)
         with metrics.lock:
             metrics.alarms += len(events)
             verdict = {True: "ng", False: "ok", None: "unknown"}[row.is_defect]

@@ -61,7 +61,7 @@ class Result(Base):
     lot: Mapped[str | None] = mapped_column(String(200), index=True)
     part_id: Mapped[str | None] = mapped_column(String(200))
     filename: Mapped[str | None] = mapped_column(String(500))
-    image_sha256: Mapped[str] = mapped_column(String(64))
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
     image_ext: Mapped[str] = mapped_column(String(10))
     overlay_sha256: Mapped[str | None] = mapped_column(String(64))
     score: Mapped[float | None] = mapped_column(Float)
@@ -304,6 +304,13 @@ class ResultStore:
         return alarm
 
     # -- read ---------------------------------------------------------------------
+    def find_image(self, sha256: str) -> Result | None:
+        """The first result stored for the image with this content hash, or None."""
+        with self.session() as s:
+            return s.scalars(
+                select(Result).where(Result.image_sha256 == sha256).order_by(Result.id).limit(1)
+            ).first()
+
     def get(self, result_id: int) -> Result | None:
         with self.session() as s:
             return s.get(Result, result_id)
