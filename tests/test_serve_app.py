@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_util import demo_test_images, png_bytes, small_detector
 
+from defectkit.data.images import load_image
 from defectkit.serve.app import create_app
 from defectkit.serve.inspection import inspect_image
 from defectkit.serve.spc import SpcMonitor
@@ -168,27 +171,29 @@ def test_health_metrics_model_spc(client, demo_root):
     assert spc["scores"]["points"] and "p_chart" in spc and "alarms" in spc
 
 
-def test_concurrent_requests_are_all_stored_and_scored_one_at_a_time(
+def test_concurrent_requests_are_all_stored_and_scored_in_batches_one_at_a_time(
     detector, store, demo_root, monkeypatch
 ):
     good, bad = demo_test_images(demo_root)
     import defectkit.serve.app as app_mod
 
-    active, peak = [0], [0]
+    active, peak, sizes = [0], [0], []
     lock = threading.Lock()
-    real = app_mod.inspect_image
+    real = app_mod.inspect_images
 
-    def counting(det, image, name):
+    def counting(det, images, names):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
+            sizes.append(len(images))
         try:
-            return real(det, image, name)
+            time.sleep(0.3)  # the others arrive meanwhile
+            return real(det, images, names)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(app_mod, "inspect_image", counting)
+    monkeypatch.setattr(app_mod, "inspect_images", counting)
     app = create_app(detector, store, token=TOKEN)
     paths = (good + bad)[:8]
     codes: list[int] = []
@@ -202,9 +207,59 @@ def test_concurrent_requests_are_all_stored_and_scored_one_at_a_time(
             t.start()
         for t in threads:
             t.join()
+        metrics = c.get("/metrics").text
     assert codes == [201] * len(paths)
     assert store.count() == len(paths)
-    assert peak[0] == 1
+    assert peak[0] == 1  # one scoring thread
+    assert sum(sizes) == len(paths) and max(sizes) > 1  # requests that waited went together
+    assert f"defectkit_batch_size_count {len(sizes)}" in metrics
+    assert f"defectkit_batch_size_sum {len(paths)}" in metrics
+    assert "defectkit_queue_depth 0" in metrics and "defectkit_queue_capacity 64" in metrics
+    # the batched results are each image's own: the same as scoring it alone
+    by_hash = {r.image_sha256: r for r in store.query(limit=100).items}
+    for p in paths:
+        row = by_hash[hashlib.sha256(p.read_bytes()).hexdigest()]
+        alone = detector.score([load_image(p)]).scores[0]
+        assert row.score == pytest.approx(float(alone), rel=1e-5)
+
+
+def test_a_full_queue_answers_429_at_once(detector, store, demo_root, monkeypatch):
+    """Beyond max_queue waiting requests: 429 with Retry-After, nothing stored for
+    them; every accepted request is stored."""
+    good, _ = demo_test_images(demo_root)
+    import defectkit.serve.app as app_mod
+
+    gate = threading.Event()
+    real = app_mod.inspect_images
+
+    def blocked(det, images, names):
+        gate.wait(30)
+        return real(det, images, names)
+
+    monkeypatch.setattr(app_mod, "inspect_images", blocked)
+    app = create_app(detector, store, token=TOKEN, max_batch=1, max_queue=2)
+    codes: list[int] = []
+    with TestClient(app) as c:
+
+        def send(p):
+            r = _post(c, p)
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert r.headers["Retry-After"] == "1" and "busy" in r.json()["detail"]
+
+        threads = [threading.Thread(target=send, args=(good[i % len(good)],)) for i in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while codes.count(429) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # one is being scored, two wait, three are turned away
+        gate.set()
+        for t in threads:
+            t.join()
+        metrics = c.get("/metrics").text
+    assert sorted(codes) == [201, 201, 201, 429, 429, 429]
+    assert store.count() == 3
+    assert 'defectkit_rejected_requests_total{code="429"} 3' in metrics
 
 
 def test_restart_continues_with_the_same_database(detector, tmp_path, demo_root):

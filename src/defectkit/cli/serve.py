@@ -36,6 +36,15 @@ def serve(
     spc_baseline: Annotated[int, typer.Option(help="good parts that set the SPC baseline")] = 100,
     threads: Annotated[int, typer.Option(help="torch threads of the scoring worker")] = 2,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
+    max_queue: Annotated[
+        int, typer.Option(help="requests that may wait to be scored; beyond it 429", min=1)
+    ] = 64,
+    max_batch: Annotated[
+        int, typer.Option(help="images scored together at most (micro-batching)", min=1)
+    ] = 16,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="ms a lone request waits for others to join its batch", min=0)
+    ] = 5.0,
 ) -> None:
     """Run the inspection service and dashboard (see defectkit/serve/app.py)."""
     from defectkit.export.onnx_bundle import is_bundle
@@ -57,6 +66,7 @@ def serve(
         baseline=spc_baseline,
         threads=threads,
         precision=precision,
+        batching={"max_queue": max_queue, "max_batch": max_batch, "max_wait": batch_wait_ms / 1e3},
     )
 
 

@@ -14,8 +14,11 @@ set):
 - ``GET /spc``, ``GET /model``, ``GET /health``, ``GET /metrics`` (Prometheus text)
 - ``/`` and ``/dashboard/...``: the dashboard pages
 
-Images are scored by one worker thread, one at a time, so that concurrent
-requests queue instead of oversubscribing the CPU cores.
+Images are scored by one scoring thread, so that concurrent requests queue
+instead of oversubscribing the CPU cores, and requests that arrive together are
+scored as one batch (:mod:`defectkit.serve.batcher`). At most ``max_queue``
+requests wait; beyond that ``POST /inspect`` answers 429 with ``Retry-After`` at
+once, so the latency of accepted requests stays bounded.
 
 While the results database is down (at start or later), requests that need it
 get 503 with ``Retry-After`` and nothing is recorded; ``POST /inspect`` can be
@@ -32,12 +35,12 @@ import logging
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Form, Header, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -48,7 +51,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from defectkit.data.images import decode_image_bytes
 from defectkit.detector import Detector
 from defectkit.errors import ImageError
-from defectkit.serve.inspection import DB_UNAVAILABLE, inspect_image, store_result
+from defectkit.serve.batcher import Batcher, Job, QueueFull
+from defectkit.serve.inspection import DB_UNAVAILABLE, inspect_images, store_result
 from defectkit.serve.inspection import replay as replay_results
 from defectkit.serve.spc import SpcMonitor
 from defectkit.serve.store import ResultStore
@@ -59,6 +63,7 @@ DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_TEXT = 200
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 #: seconds a client is asked to wait before retrying while the database is down
 RETRY_AFTER = 5
 
@@ -124,12 +129,14 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     spc: SpcMonitor | None = None,
     model_name: str = "model",
+    max_batch: int = 16,
+    max_wait: float = 0.005,
+    max_queue: int = 64,
 ) -> FastAPI:
     """The service around a fitted detector and an open store; ``token`` None
     leaves write endpoints open (for embedding; ``defectkit serve`` always sets one)."""
     monitor = spc if spc is not None else SpcMonitor()
     metrics = _Metrics()
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defectkit-score")
 
     replay_pending = True
 
@@ -147,7 +154,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        worker.shutdown(wait=True)
+        batcher.close()
 
     app = FastAPI(title="defectkit inspection service", lifespan=lifespan)
     app.state.store = store
@@ -190,30 +197,46 @@ def create_app(
         ]
         return JSONResponse({"detail": "; ".join(problems)}, 422)
 
-    def score_and_store(data: bytes, name: str, meta: dict[str, str | None]) -> dict[str, Any]:
-        try:
-            image = decode_image_bytes(data, name)
-        except ImageError as e:
-            raise HTTPException(415, f"not a usable image: {e}") from None
-        ins = inspect_image(detector, image, name)
-        try:
-            if replay_pending:  # the database was down at start
-                replay()
-            row, events = store_result(store, monitor, ins, data, name, meta)
-        except DB_UNAVAILABLE as e:
-            # no row was committed: the client may send the image again, and it is
-            # then recorded once
-            raise HTTPException(
-                503,
-                f"results database unavailable ({_brief(e)}): the result was not "
-                "recorded; send the image again",
-                headers={"Retry-After": str(RETRY_AFTER)},
-            ) from None
-        with metrics.lock:
-            metrics.alarms += len(events)
-            verdict = {True: "ng", False: "ok", None: "unknown"}[row.is_defect]
-            metrics.inspections[verdict] += 1
-        return row.to_dict()
+    def db_down(e: BaseException) -> HTTPException:
+        # no row was committed: the client may send the image again, and it is then
+        # recorded once
+        return HTTPException(
+            503,
+            f"results database unavailable ({_brief(e)}): the result was not "
+            "recorded; send the image again",
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+
+    def score_and_store(jobs: list[Job]) -> None:
+        """One batch: decode, score together, then store each and answer it."""
+        ready: list[tuple[Job, np.ndarray]] = []
+        for job in jobs:
+            data, name, _ = job.payload
+            try:
+                ready.append((job, decode_image_bytes(data, name)))
+            except ImageError as e:
+                job.future.set_exception(HTTPException(415, f"not a usable image: {e}"))
+        if not ready:
+            return
+        inspections = inspect_images(
+            detector, [im for _, im in ready], [j.payload[1] for j, _ in ready]
+        )
+        for (job, _), ins in zip(ready, inspections, strict=True):
+            data, name, meta = job.payload
+            try:
+                if replay_pending:  # the database was down at start
+                    replay()
+                row, events = store_result(store, monitor, ins, data, name, meta)
+            except DB_UNAVAILABLE as e:
+                job.future.set_exception(db_down(e))
+                continue
+            with metrics.lock:
+                metrics.alarms += len(events)
+                verdict = {True: "ng", False: "ok", None: "unknown"}[row.is_defect]
+                metrics.inspections[verdict] += 1
+            job.future.set_result(row.to_dict())
+
+    batcher = Batcher(score_and_store, max_batch=max_batch, max_wait=max_wait, max_queue=max_queue)
 
     @app.post("/inspect", status_code=201, dependencies=[Depends(require_token)])
     async def inspect(
@@ -233,8 +256,13 @@ def create_app(
             "lot": _text(lot, "lot"),
             "part_id": _text(part_id, "part_id"),
         }
-        loop = asyncio.get_running_loop()
-        rec = await loop.run_in_executor(worker, score_and_store, data, name, meta)
+        try:
+            future = batcher.submit((data, name, meta))
+        except QueueFull as e:
+            raise HTTPException(
+                429, f"busy: {e}; retry shortly", headers={"Retry-After": "1"}
+            ) from None
+        rec = await asyncio.wrap_future(future)
         metrics.observe(time.perf_counter() - t0)
         return rec
 
@@ -380,6 +408,24 @@ def create_app(
                 "# HELP defectkit_spc_alarms_total SPC alarms raised since start.",
                 "# TYPE defectkit_spc_alarms_total counter",
                 f"defectkit_spc_alarms_total {metrics.alarms}",
+                "# HELP defectkit_queue_depth Inspection requests waiting to be scored.",
+                "# TYPE defectkit_queue_depth gauge",
+                f"defectkit_queue_depth {batcher.depth}",
+                "# HELP defectkit_queue_capacity Requests that may wait before 429.",
+                "# TYPE defectkit_queue_capacity gauge",
+                f"defectkit_queue_capacity {batcher.max_queue}",
+                "# HELP defectkit_batch_size Images scored together, per batch.",
+                "# TYPE defectkit_batch_size histogram",
+            ]
+            sizes = dict(batcher.batch_sizes)
+            for b in BATCH_BUCKETS:
+                cum = sum(n for k, n in sizes.items() if k <= b)
+                lines.append(f'defectkit_batch_size_bucket{{le="{b}"}} {cum}')
+            n_batches = sum(sizes.values())
+            lines += [
+                f'defectkit_batch_size_bucket{{le="+Inf"}} {n_batches}',
+                f"defectkit_batch_size_sum {sum(k * n for k, n in sizes.items())}",
+                f"defectkit_batch_size_count {n_batches}",
             ]
         try:
             stored = store.count()

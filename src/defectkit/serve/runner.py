@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DATA_DIR = Path("defectkit-results")
 
@@ -28,6 +29,7 @@ def serve(
     baseline: int,
     threads: int,
     precision: str = "float32",
+    batching: dict[str, Any] | None = None,
 ) -> None:
     import torch
     import uvicorn
@@ -58,6 +60,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         spc=SpcMonitor(baseline=baseline, webhook_url=webhook),
         model_name=model.name,
+        **(batching or {}),
     )
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
