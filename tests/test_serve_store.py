@@ -57,7 +57,7 @@ def test_migrations_create_schema_and_alembic_version(store):
     tables = set(inspect(store.engine).get_table_names())
     assert {"results", "alarms", "alembic_version"} <= tables
     with store.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
 
 
 def test_add_commits_before_return_and_is_visible_to_a_new_connection(store):

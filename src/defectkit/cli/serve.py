@@ -16,6 +16,14 @@ DbOption = Annotated[
     typer.Option(help="database URL (postgresql://...); default SQLite in --data-dir"),
 ]
 
+MqttOption = Annotated[
+    str | None,
+    typer.Option(
+        help="also publish results and SPC alarms to mqtt://host[:port]/topic (QoS 1, "
+        "at least once with the result id; unsent messages wait in the database)"
+    ),
+]
+
 
 @command()
 def serve(
@@ -45,6 +53,7 @@ def serve(
     batch_wait_ms: Annotated[
         float, typer.Option(help="ms a lone request waits for others to join its batch", min=0)
     ] = 5.0,
+    mqtt: MqttOption = None,
 ) -> None:
     """Run the inspection service and dashboard (see defectkit/serve/app.py)."""
     from defectkit.export.onnx_bundle import is_bundle
@@ -67,6 +76,7 @@ def serve(
         threads=threads,
         precision=precision,
         batching={"max_queue": max_queue, "max_batch": max_batch, "max_wait": batch_wait_ms / 1e3},
+        mqtt=mqtt,
     )
 
 
@@ -125,6 +135,7 @@ def watch(
     ] = False,
     threads: Annotated[int, typer.Option(help="torch threads for scoring")] = 2,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
+    mqtt: MqttOption = None,
 ) -> None:
     """Inspect every image that appears in FOLDER once, store it as `serve` does
     (same database, dashboard and SPC), print one JSON line per file."""
@@ -136,6 +147,7 @@ def watch(
     import torch
 
     from defectkit.pipeline import load_detector
+    from defectkit.serve.mqtt import Broker, MqttPublisher
     from defectkit.serve.runner import default_db_url
     from defectkit.serve.store import ResultStore
     from defectkit.serve.watch import HotFolder, Outcome, WatchSettings
@@ -152,9 +164,11 @@ def watch(
         line=line,
         lot=lot,
     )
+    broker = None if mqtt is None else Broker.parse(mqtt)
     torch.set_num_threads(max(1, threads))
     det = load_detector(model, "auto", precision, threads=max(1, threads))
     store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+    publisher = None if broker is None else MqttPublisher(broker, store).start()
     hot = HotFolder(det, store, settings)
 
     def say(outcome: Outcome) -> None:
@@ -170,6 +184,8 @@ def watch(
     except KeyboardInterrupt:
         pass
     finally:
+        if publisher is not None:
+            publisher.stop()
         store.close()
     counts = ", ".join(f"{n} {k}" for k, n in sorted(hot.counts.items())) or "nothing"
     err.print(f"watch: {counts}", highlight=False)

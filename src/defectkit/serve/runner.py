@@ -30,6 +30,7 @@ def serve(
     threads: int,
     precision: str = "float32",
     batching: dict[str, Any] | None = None,
+    mqtt: str | None = None,
 ) -> None:
     import torch
     import uvicorn
@@ -51,8 +52,12 @@ def serve(
             file=sys.stderr,
         )
     # a model file, or an ONNX bundle folder from `defectkit export` (onnxruntime)
+    from defectkit.serve.mqtt import Broker, MqttPublisher
+
+    broker = None if mqtt is None else Broker.parse(mqtt)  # checked before any work
     det = load_detector(model, "auto", precision, threads=max(1, threads))
     store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+    publisher = None if broker is None else MqttPublisher(broker, store).start()
     app = create_app(
         det,
         store,
@@ -65,4 +70,6 @@ def serve(
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
+        if publisher is not None:
+            publisher.stop()
         store.close()

@@ -124,6 +124,27 @@ class Alarm(Base):
         }
 
 
+class Outbox(Base):
+    """A message for the MQTT broker (``serve/mqtt.py``), committed with the result
+    or alarm it announces; ``sent_at`` is set once the broker acknowledged it."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    topic: Mapped[str] = mapped_column(String(500))
+    payload: Mapped[str] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Where results and alarms are announced (an MQTT topic each)."""
+
+    results: str
+    alarms: str
+
+
 class BlobStore:
     """Files named by the SHA-256 of their bytes under ``root/ab/<hash>.<ext>``.
 
@@ -226,6 +247,9 @@ class ResultStore:
         self.engine = engine
         self.blobs = blobs
         self._session = sessionmaker(engine, expire_on_commit=False)
+        #: where each result and alarm is also announced (MQTT), through the outbox
+        #: table in the same transaction; None: no messages
+        self.topics: Topics | None = None
 
     @classmethod
     def open(cls, url: str, blob_dir: str | os.PathLike[str]) -> ResultStore:
@@ -275,6 +299,9 @@ class ResultStore:
         )
         with self.session() as s, s.begin():
             s.add(row)
+            if self.topics is not None:
+                s.flush()  # the id, for the message
+                s.add(Outbox(topic=self.topics.results, payload=json.dumps(row.to_dict())))
         return row
 
     def review(
@@ -301,7 +328,25 @@ class ResultStore:
         alarm = Alarm(chart=chart, rule=rule, message=message, result_id=result_id)
         with self.session() as s, s.begin():
             s.add(alarm)
+            if self.topics is not None:
+                s.flush()
+                payload = json.dumps({"alarm": alarm.to_dict()})
+                s.add(Outbox(topic=self.topics.alarms, payload=payload))
         return alarm
+
+    def outbox_pending(self, limit: int = 100) -> list[Outbox]:
+        """Messages not yet acknowledged by the broker, oldest first."""
+        with self.session() as s:
+            q = select(Outbox).where(Outbox.sent_at.is_(None)).order_by(Outbox.id).limit(limit)
+            return list(s.scalars(q))
+
+    def outbox_sent(self, ids: list[int]) -> None:
+        """Mark messages acknowledged by the broker."""
+        if not ids:
+            return
+        with self.session() as s, s.begin():
+            for row in s.scalars(select(Outbox).where(Outbox.id.in_(ids))):
+                row.sent_at = utcnow()
 
     # -- read ---------------------------------------------------------------------
     def find_image(self, sha256: str) -> Result | None:
