@@ -10,7 +10,8 @@ import pytest
 from defectkit.errors import ConfigError
 from defectkit.methods.patchcore import PatchCore
 
-FAST = {"image_size": 96, "coreset_ratio": 0.1}
+# min_bank 0: these tests are about the coreset ratio and the pool budget
+FAST = {"image_size": 96, "coreset_ratio": 0.1, "min_bank": 0}
 
 
 @pytest.fixture(scope="module")

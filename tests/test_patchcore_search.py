@@ -13,7 +13,8 @@ from defectkit.errors import ConfigError, ModelFileError
 from defectkit.methods import patchcore
 from defectkit.methods.patchcore import PatchCore
 
-FAST = {"image_size": 64, "coreset_ratio": 0.1}
+# min_bank 0: a bank of every patch leaves none out to check the search on
+FAST = {"image_size": 64, "coreset_ratio": 0.1, "min_bank": 0}
 
 
 def _brute_force(model: PatchCore, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +90,7 @@ def test_fit_says_which_geometry_and_search_it_chose(demo_root, tmp_path) -> Non
 
     out = str(tmp_path / "m.dkm")
     args = ["fit", str(demo_root), "--out", out, "-q", "-p", "image_size=64"]
-    res = CliRunner().invoke(app, [*args, "-p", "coreset_ratio=0.1"])
+    res = CliRunner().invoke(app, [*args, "-p", "coreset_ratio=0.1", "-p", "min_bank=0"])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "working size 64x64 px from the training images" in text
