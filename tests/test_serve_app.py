@@ -276,3 +276,42 @@ def test_restart_continues_with_the_same_database(detector, tmp_path, demo_root)
         assert len(c.get("/spc").json()["scores"]["points"]) == 4  # replayed
     s2.close()
     assert nxt > max(first)
+
+
+def test_a_bad_upload_in_a_batch_fails_alone(detector, store, demo_root, monkeypatch, tmp_path):
+    """A corrupt image batched with good ones gets its 415; the others are scored
+    and stored as usual."""
+    good, _ = demo_test_images(demo_root)
+    import defectkit.serve.app as app_mod
+
+    sizes: list[int] = []
+    real = app_mod.inspect_images
+
+    def slow(det, images, names):
+        sizes.append(len(images))
+        time.sleep(0.3)
+        return real(det, images, names)
+
+    monkeypatch.setattr(app_mod, "inspect_images", slow)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    paths = [good[0], broken, good[1], good[2]]
+    codes: dict[str, int] = {}
+    app = create_app(detector, store, token=TOKEN)
+    with TestClient(app) as c:
+
+        def send(p):
+            r = _post(c, p)
+            codes[p.name] = r.status_code
+            if r.status_code == 415:
+                assert "not a usable image" in r.json()["detail"]
+
+        threads = [threading.Thread(target=send, args=(p,)) for p in paths]
+        for t in threads:
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join()
+    assert codes.pop("broken.png") == 415
+    assert set(codes.values()) == {201} and store.count() == 3
+    assert sum(sizes) == 3
