@@ -188,6 +188,15 @@ def main() -> None:
             calibration=pipeline.CalibrationSettings(**cal),
         )
         entry["settings"] = {"method": args.method, "params": args.param, **cal}
+        entry.setdefault("runs", []).append(
+            {
+                "k": ks,
+                "sets": list(sets),
+                "command": f"python benchmarks/fewshot.py{_command(args)}",
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                "commit": git_commit(),
+            }
+        )
         for s in sets:
             test = _test_set(args.data / s)
             for k in ks:
@@ -213,12 +222,21 @@ def main() -> None:
                 if args.keep_scores is not None:
                     args.keep_scores.write_text(json.dumps(kept_scores))
             del test
-    lines = [
-        f"## Few-shot: `{variant}`",
-        "",
-        f"- command: `python benchmarks/fewshot.py{_command(args)}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {git_commit()}",
-        f"- machine: {machine()}",
+    runs = entry.get("runs", [])
+    covered = {int(k) for r in runs for k in r["k"]}
+    measured = {int(k) for by_k in entry["sets"].values() for k in by_k}
+    lines = [f"## Few-shot: `{variant}`", ""]
+    lines += [
+        f"- k = {', '.join(map(str, r['k']))}: `{r['command']}`, {r['date']}, commit {r['commit']}"
+        for r in runs
+    ]
+    if measured - covered:
+        lines.append(
+            f"- k = {', '.join(map(str, sorted(measured - covered)))}: an earlier run of this "
+            "label, made before runs were recorded (its command named those k)"
+        )
+    lines += [
+        f"- rendered: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
         f"- settings: {json.dumps(entry.get('settings', {}))}",
         f"- {args.draws} seeded draws of k good training images per cell; test-set figures",
         "",
