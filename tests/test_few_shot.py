@@ -170,7 +170,7 @@ def test_cli_fit_on_a_handful_says_so(
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     said = " ".join(res.output.split())  # Rich wraps long lines
-    assert "few-shot mode: 5 good images (fewer than 32): all fitted" in said
+    assert "few-shot mode: 5 good images (fewer than 64): all fitted" in said
     assert "fitted patchcore on 5 good images" in said
     assert "calibrated on 5 fitted good images, each left out" in said
     res = CliRunner().invoke(app, [*args, "--few-shot-below", "0"])

@@ -1,6 +1,6 @@
 """Calibration from a handful of good images (few-shot mode).
 
-With fewer good images than ``FEW_SHOT_BELOW`` (32, in
+With fewer good images than ``FEW_SHOT_BELOW`` (64, in
 :mod:`defectkit.decide.defaults`), holding some out to set the threshold leaves
 too few to learn from and too few to calibrate on (8 images: 7 fitted, the
 threshold from the one left, a 95% bound of 95% on its false-alarm rate).
