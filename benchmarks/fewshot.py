@@ -232,8 +232,8 @@ def main() -> None:
     ]
     if measured - covered:
         lines.append(
-            f"- k = {', '.join(map(str, sorted(measured - covered)))}: an earlier run of this "
-            "label, made before runs were recorded (its command named those k)"
+            f"- k = {', '.join(map(str, sorted(measured - covered)))}: earlier runs of this "
+            "label, made before runs were recorded (their commands named those k)"
         )
     lines += [
         f"- rendered: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
