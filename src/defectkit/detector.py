@@ -364,14 +364,27 @@ class Detector:
         on them), in image order."""
         with ExitStack() as stack:
             scores, maps = _calibration_maps(self.score, images, map_memory, stack, progress)
-            threshold = threshold_for_false_alarm_rate(scores, false_alarm_rate)
-            self.pixel_threshold = pixel_threshold_for_false_regions(
-                maps, max_false_regions, min_area=min_region_area, cap=threshold.value
-            )
+            self._set_thresholds(scores, maps, false_alarm_rate, max_false_regions, min_region_area)
             del maps
-        self.threshold = threshold
         self.info["calibration_scores"] = rounded_scores(scores)
         return scores
+
+    def _set_thresholds(
+        self,
+        scores: np.ndarray,
+        maps: Sequence[np.ndarray],
+        false_alarm_rate: float,
+        max_false_regions: float,
+        min_region_area: int,
+    ) -> Threshold:
+        """Both thresholds from good images' scores and maps: the image threshold for
+        ``false_alarm_rate``, the pixel threshold capped at it."""
+        threshold = threshold_for_false_alarm_rate(scores, false_alarm_rate)
+        self.pixel_threshold = pixel_threshold_for_false_regions(
+            maps, max_false_regions, min_area=min_region_area, cap=threshold.value
+        )
+        self.threshold = threshold
+        return threshold
 
     def _calibrate_left_out(
         self,
@@ -384,11 +397,10 @@ class Detector:
         """Few-shot thresholds from the fitted ``images`` themselves, each scored as
         if left out, and their kept copies (:mod:`defectkit.decide.few_shot`)."""
         found = left_out_scores(self.model, images, progress)
-        threshold = threshold_for_false_alarm_rate(found.scores, false_alarm_rate)
-        self.threshold = counted_by_images(threshold, found)
-        self.pixel_threshold = pixel_threshold_for_false_regions(
-            found.maps, max_false_regions, min_area=min_region_area, cap=threshold.value
+        threshold = self._set_thresholds(
+            found.scores, found.maps, false_alarm_rate, max_false_regions, min_region_area
         )
+        counted_by_images(threshold, found)
         self.info["calibration_scores"] = rounded_scores(found.plain)
         self.info["few_shot"] = found.summary()
 
@@ -682,14 +694,11 @@ class Detector:
             for key in ("fit_images", "calibration_images", "calibration_scores"):
                 if key in info:
                     what = "scores" if key.endswith("scores") else "paths"
-                    info[key] = f"{len(info[key])} {what} (`defectkit info --full` lists them)"
+                    info[key] = _listed(len(info[key]), what)
             few = info.get("few_shot")
             if few is not None and "copy_scores" in few:
                 n = sum(len(v) for v in few["copy_scores"].values())
-                info["few_shot"] = {
-                    **few,
-                    "copy_scores": f"{n} scores (`defectkit info --full` lists them)",
-                }
+                info["few_shot"] = {**few, "copy_scores": _listed(n, "scores")}
         out = {
             "method": self.model.name,
             "params": self.model.get_params(),
@@ -718,6 +727,11 @@ class Detector:
 _CLASSIFIER = "classifier."
 
 _RESCORER = "rescorer."
+
+
+def _listed(n: int, what: str) -> str:
+    """What ``describe`` shows for a long list it leaves to ``info --full``."""
+    return f"{n} {what} (`defectkit info --full` lists them)"
 
 
 def _calibration_summary(thr: Threshold | None) -> dict[str, Any] | None:

@@ -99,10 +99,6 @@ class MqttPublisher:
         self._thread.start()
         return self
 
-    def notify(self) -> None:
-        """Something was added to the outbox: look now rather than at the next poll."""
-        self._wake.set()
-
     def stop(self, timeout: float = 10.0) -> None:
         """Send what can be sent within ``timeout``, then disconnect."""
         self._stop.set()

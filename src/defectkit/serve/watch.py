@@ -222,14 +222,13 @@ class HotFolder:
         """Record the outcome and move the file (or remember it, left in place)."""
         self.counts[status] += 1
         outcome = Outcome(path, status, result_id, is_defect, score, message)
-        marker = path.with_name(path.name + MARKER)
         if self.settings.move_to is None:
             st = path.stat()
             self._handled[path] = (st.st_size, st.st_mtime_ns)
             return outcome
         verdict = "error" if status == "error" else {True: "ng", False: "ok"}.get(is_defect, "ok")
         outcome.moved_to = _move(path, self.settings.move_to / verdict / self._name(path))
-        marker.unlink(missing_ok=True)
+        path.with_name(path.name + MARKER).unlink(missing_ok=True)
         self._seen.pop(path, None)
         return outcome
 
