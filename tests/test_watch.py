@@ -183,6 +183,25 @@ def test_a_database_outage_leaves_files_for_the_next_poll(
     store.close()
 
 
+def test_a_database_down_at_start_is_waited_for(
+    det: Detector, surface_set: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = tmp_path / "in"
+    _write(inbox, "g0.png", surface_set["good"][0])
+    store = _store(tmp_path)
+    hot = HotFolder(det, store, WatchSettings(inbox, settle_seconds=0))
+    real = store.count
+
+    def down() -> int:
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(store, "count", down)  # the SPC replay reads it first
+    assert hot.step() == [] and (inbox / "g0.png").exists()
+    monkeypatch.setattr(store, "count", real)
+    assert [o.status for o in hot.step()] == ["inspected"]
+    store.close()
+
+
 def test_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a folder"):
         WatchSettings(tmp_path / "missing")

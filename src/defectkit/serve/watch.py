@@ -166,9 +166,13 @@ class HotFolder:
     def step(self) -> list[Outcome]:
         """One poll: every complete file, in batches. Stops early (the rest waits
         for the next poll) when the database is down."""
-        if not self._replayed:
-            replay(self.store, self.monitor)
-            self._replayed = True
+        try:
+            if not self._replayed:  # the charts continue from the stored results
+                replay(self.store, self.monitor)
+                self._replayed = True
+        except DB_UNAVAILABLE as e:
+            log.warning("results database unavailable (%s); retrying at the next poll", e)
+            return []
         out: list[Outcome] = []
         paths = self.ready()
         size = self.settings.batch_size
