@@ -57,7 +57,7 @@ def test_migrations_create_schema_and_alembic_version(store):
     tables = set(inspect(store.engine).get_table_names())
     assert {"results", "alarms", "alembic_version"} <= tables
     with store.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
 
 
 def test_add_commits_before_return_and_is_visible_to_a_new_connection(store):
@@ -164,3 +164,77 @@ def test_migrations_match_the_models(store):
     with store.engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
     assert diff == [], f"models and migrations differ (add a migration): {diff}"
+
+
+def test_a_store_from_before_products_is_upgraded_with_its_rows(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from defectkit.serve.store import MIGRATIONS, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.execute(
+            text(
+                "INSERT INTO results (created_at, image_sha256, image_ext, record) "
+                "VALUES ('2026-01-01 00:00:00', 'abc', 'png', '{\"score\": 1.0}')"
+            )
+        )
+    engine.dispose()
+    s = ResultStore.open(url, tmp_path / "blobs")
+    try:
+        assert s.count() == 1 and s.get(1).product is None
+        s.add(_rec(0.5, False), PNG, None, product="pump-A")
+        assert [r.id for r in s.query(product="pump-A").items] == [2]
+    finally:
+        s.close()
+
+
+def test_product_comes_from_the_record_unless_given(store):
+    a = store.add({**_rec(0.5, False), "product": "side-A"}, PNG, None)
+    b = store.add({**_rec(0.5, False), "product": "side-A"}, PNG, None, product="side-B")
+    assert (a.product, b.product) == ("side-A", "side-B")
+    assert a.to_dict()["product"] == "side-A"
+    assert store.facets()["products"] == ["side-A", "side-B"]
+
+
+def test_doubt_order_puts_results_closest_to_their_threshold_first(store):
+    # threshold 1.0: relative distances 0.9, 0.05, 0.3, 0.02 (and one without a threshold)
+    for score in (0.1, 1.05, 1.3, 0.98):
+        store.add(_rec(score, score >= 1.0), PNG, None)
+    store.add({**_rec(2.0, None), "threshold": None}, PNG, None)
+    page = store.query(order="doubt")
+    assert [r.score for r in page.items] == [0.98, 1.05, 1.3, 0.1, 2.0]
+    assert page.total == 5
+    with pytest.raises(ValueError, match="order must be"):
+        store.query(order="random")
+
+
+def test_summary_counts_by_verdict_line_lot_and_window(store):
+    now = datetime(2026, 5, 1, 12, 0, 0)
+    rows = [  # (minutes ago, line, lot, is_defect)
+        (5, "L1", "A", False), (10, "L1", "A", True), (20, "L2", "B", False),
+        (30, "L2", "B", None), (120, "L1", "A", True),
+    ]  # fmt: skip
+    for ago, line, lot, is_defect in rows:
+        store.add(
+            _rec(1.0, is_defect), PNG, None, line=line, lot=lot,
+            created_at=now - timedelta(minutes=ago),
+        )  # fmt: skip
+    store.review(2, "defect", "scratch")
+    hour = store.summary(now - timedelta(hours=1), now)
+    assert (hour["n"], hour["ok"], hour["ng"], hour["unknown"]) == (4, 2, 1, 1)
+    assert hour["reviewed"] == 1
+    lines = {g["name"]: (g["n"], g["ok"], g["ng"]) for g in hour["by_line"]}
+    assert lines == {"L1": (2, 1, 1), "L2": (2, 1, 0)}
+    assert {g["name"]: g["n"] for g in hour["by_lot"]} == {"A": 2, "B": 2}
+    assert store.summary(now - timedelta(hours=3), now, line="L1")["ng"] == 2
+    assert store.summary(now - timedelta(hours=3), now, lot="B")["n"] == 2
+    assert store.summary(now - timedelta(minutes=1), now)["n"] == 0
+    facets = store.facets()
+    assert facets["lines"] == ["L1", "L2"] and facets["defect_types"] == ["scratch"]

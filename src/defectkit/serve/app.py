@@ -5,14 +5,16 @@ Endpoints (write endpoints need ``Authorization: Bearer TOKEN`` when a token is
 set):
 
 - ``POST /inspect``: multipart field ``file``, optional form fields ``line``,
-  ``lot``, ``part_id``; 201 with the result (committed before the reply)
-- ``GET /results`` (``since``, ``until``, ``line``, ``lot``, ``verdict`` ok/ng/unknown,
-  ``reviewed``, ``limit``, ``offset``), ``GET /results/{id}``,
-  ``GET /results/{id}/overlay.png``, ``GET /results/{id}/image``
+  ``lot``, ``part_id``, ``product``; 201 with the result (committed before the reply)
+- ``GET /results`` (``since``, ``until``, ``line``, ``lot``, ``product``, ``verdict``
+  ok/ng/unknown, ``reviewed``, ``order`` newest/oldest/doubt, ``limit``, ``offset``),
+  ``GET /results/{id}``, ``GET /results/{id}/overlay.png``, ``GET /results/{id}/image``
 - ``POST /results/{id}/review``: JSON ``{"verdict": "defect"|"good",
   "defect_type": ..., "comment": ...}``
 - ``GET /spc``, ``GET /model``, ``GET /health``, ``GET /metrics`` (Prometheus text)
-- ``/`` and ``/dashboard/...``: the dashboard pages
+- ``/`` and ``/dashboard/...``: the dashboard pages, and the read endpoints only
+  they use (``/summary``, ``/facets``, chart SVGs, patch images; see
+  :mod:`defectkit.serve.dashboard`)
 
 Images are scored by one scoring thread, so that concurrent requests queue
 instead of oversubscribing the CPU cores, and requests that arrive together are
@@ -37,7 +39,6 @@ import time
 from collections import Counter
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -52,6 +53,7 @@ from defectkit.data.images import decode_image_bytes
 from defectkit.detector import Detector
 from defectkit.errors import ImageError
 from defectkit.serve.batcher import Batcher, Job, QueueFull
+from defectkit.serve.dashboard import mount as mount_dashboard
 from defectkit.serve.inspection import DB_UNAVAILABLE, inspect_images, store_result
 from defectkit.serve.inspection import replay as replay_results
 from defectkit.serve.spc import SpcMonitor
@@ -60,7 +62,6 @@ from defectkit.serve.store import ResultStore
 log = logging.getLogger("defectkit.serve")
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
-DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_TEXT = 200
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -244,6 +245,7 @@ def create_app(
         line: Annotated[str | None, Form()] = None,
         lot: Annotated[str | None, Form()] = None,
         part_id: Annotated[str | None, Form()] = None,
+        product: Annotated[str | None, Form()] = None,
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         data = await file.read(max_upload_bytes + 1)
@@ -255,6 +257,7 @@ def create_app(
             "line": _text(line, "line"),
             "lot": _text(lot, "lot"),
             "part_id": _text(part_id, "part_id"),
+            "product": _text(product, "product"),
         }
         try:
             future = batcher.submit((data, name, meta))
@@ -285,8 +288,10 @@ def create_app(
         until: str | None = None,
         line: str | None = None,
         lot: str | None = None,
+        product: str | None = None,
         verdict: Annotated[str | None, Query(pattern="^(ok|ng|unknown)$")] = None,
         reviewed: bool | None = None,
+        order: Annotated[str, Query(pattern="^(newest|oldest|doubt)$")] = "newest",
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
@@ -295,8 +300,10 @@ def create_app(
             until=_parse_time(until, "until"),
             line=line,
             lot=lot,
+            product=product,
             verdict=verdict,
             reviewed=reviewed,
+            order=order,
             limit=limit,
             offset=offset,
         )
@@ -439,8 +446,5 @@ def create_app(
             ]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    if DASHBOARD.is_dir():
-        from defectkit.serve.dashboard import mount
-
-        mount(app)
+    mount_dashboard(app)
     return app

@@ -116,7 +116,7 @@ class SpcMonitor:
             if is_defect is not None:
                 events += self._p_chart(is_defect, lot, created_at, result_id)
             if is_defect is False and score is not None and math.isfinite(score):
-                events += self._scores(float(score), result_id)
+                events += self._scores(float(score), result_id, created_at)
             self.alarms.extend(events)
         if notify:
             for e in events:
@@ -167,8 +167,9 @@ class SpcMonitor:
         pbar = (sum(g.defects for g in others) + 0.5) / (n + 1)  # never 0 or 1
         return (pbar, *p_limits(pbar, self._groups[key].n))
 
-    def _scores(self, x: float, rid: int | None) -> list[AlarmEvent]:
+    def _scores(self, x: float, rid: int | None, at: datetime | None) -> list[AlarmEvent]:
         self.n_good_ += 1
+        stamp = _utc_stamp(at)  # the charts' time axis
         if self.mean_ is None:
             self._base.append(x)
             if len(self._base) >= self.baseline:
@@ -178,7 +179,7 @@ class SpcMonitor:
                 var = sum((v - m) ** 2 for v in base) / (len(base) - 1)
                 self.mean_, self.sd_ = m, max(math.sqrt(var), 1e-9)
                 self._ewma = m
-            self._series.append({"n": self.n_good_, "result_id": rid, "score": x})
+            self._series.append({"n": self.n_good_, "result_id": rid, "at": stamp, "score": x})
             return []
         m, s = self.mean_, self.sd_
         assert s is not None and self._ewma is not None
@@ -193,6 +194,7 @@ class SpcMonitor:
             {
                 "n": self.n_good_,
                 "result_id": rid,
+                "at": stamp,
                 "score": x,
                 "ewma": self._inv(self._ewma),
                 "cusum_pos": self._cpos,
@@ -293,6 +295,14 @@ class SpcMonitor:
             threading.Thread(
                 target=post_webhook, args=(self.webhook_url, event.to_dict()), daemon=True
             ).start()
+
+
+def _utc_stamp(at: datetime | None) -> str:
+    """ISO 8601 UTC with a Z; a naive time is taken as UTC (as the store keeps it)."""
+    at = at or datetime.now(timezone.utc)
+    if at.tzinfo is not None:
+        at = at.astimezone(timezone.utc).replace(tzinfo=None)
+    return at.isoformat(timespec="seconds") + "Z"
 
 
 def p_limits(pbar: float, n: int) -> tuple[float, float]:

@@ -30,6 +30,8 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    and_,
+    case,
     create_engine,
     event,
     func,
@@ -40,6 +42,24 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERDICTS = ("good", "defect")
+
+
+def _filters(
+    since: datetime | None,
+    until: datetime | None,
+    line: str | None,
+    lot: str | None,
+    product: str | None,
+) -> list[Any]:
+    conds: list[Any] = []
+    if since is not None:
+        conds.append(Result.created_at >= since)
+    if until is not None:
+        conds.append(Result.created_at < until)
+    for col, value in ((Result.line, line), (Result.lot, lot), (Result.product, product)):
+        if value is not None:
+            conds.append(col == value)
+    return conds
 
 
 def utcnow() -> datetime:
@@ -60,6 +80,7 @@ class Result(Base):
     line: Mapped[str | None] = mapped_column(String(200), index=True)
     lot: Mapped[str | None] = mapped_column(String(200), index=True)
     part_id: Mapped[str | None] = mapped_column(String(200))
+    product: Mapped[str | None] = mapped_column(String(200), index=True)
     filename: Mapped[str | None] = mapped_column(String(500))
     image_sha256: Mapped[str] = mapped_column(String(64), index=True)
     image_ext: Mapped[str] = mapped_column(String(10))
@@ -83,6 +104,7 @@ class Result(Base):
             line=self.line,
             lot=self.lot,
             part_id=self.part_id,
+            product=self.product,
             image_sha256=self.image_sha256,
             review=None
             if self.review_verdict is None
@@ -274,9 +296,11 @@ class ResultStore:
         line: str | None = None,
         lot: str | None = None,
         part_id: str | None = None,
+        product: str | None = None,
         created_at: datetime | None = None,
     ) -> Result:
-        """Store the files, then insert and commit the row; returns it (with ``id``)."""
+        """Store the files, then insert and commit the row; returns it (with ``id``).
+        ``product`` defaults to the record's own (a multi-product model's answer)."""
         ext = image_ext(image)
         image_sha = self.blobs.put(image, ext)
         overlay_sha = self.blobs.put(overlay_png, "png") if overlay_png is not None else None
@@ -287,6 +311,7 @@ class ResultStore:
             line=line,
             lot=lot,
             part_id=part_id,
+            product=product if product is not None else record.get("product"),
             filename=filename,
             image_sha256=image_sha,
             image_ext=ext,
@@ -367,23 +392,22 @@ class ResultStore:
         until: datetime | None = None,
         line: str | None = None,
         lot: str | None = None,
+        product: str | None = None,
         verdict: str | None = None,
         reviewed: bool | None = None,
         limit: int = 50,
         offset: int = 0,
         newest_first: bool = True,
+        order: str | None = None,
     ) -> Page:
-        """Results filtered by time range ``[since, until)``, line, lot, verdict
-        (``ok``/``ng``/``unknown``) and reviewed state; one page of them."""
-        conds = []
-        if since is not None:
-            conds.append(Result.created_at >= since)
-        if until is not None:
-            conds.append(Result.created_at < until)
-        if line is not None:
-            conds.append(Result.line == line)
-        if lot is not None:
-            conds.append(Result.lot == lot)
+        """Results filtered by time range ``[since, until)``, line, lot, product,
+        verdict (``ok``/``ng``/``unknown``) and reviewed state; one page of them.
+
+        ``order``: ``newest`` (default), ``oldest`` (also ``newest_first`` False) or
+        ``doubt``: closest to its threshold first (``|score - threshold| /
+        threshold``), the results a reviewer learns most from; results without a
+        threshold come last."""
+        conds = _filters(since, until, line, lot, product)
         if verdict == "ng":
             conds.append(Result.is_defect.is_(True))
         elif verdict == "ok":
@@ -396,13 +420,102 @@ class ResultStore:
             conds.append(Result.review_verdict.is_not(None))
         elif reviewed is False:
             conds.append(Result.review_verdict.is_(None))
-        order = Result.id.desc() if newest_first else Result.id.asc()
+        order = order or ("newest" if newest_first else "oldest")
+        if order == "newest":
+            ordering = [Result.id.desc()]
+        elif order == "oldest":
+            ordering = [Result.id.asc()]
+        elif order == "doubt":
+            known = and_(
+                Result.threshold.is_not(None), Result.threshold > 0, Result.score.is_not(None)
+            )
+            doubt = case(
+                (known, func.abs(Result.score - Result.threshold) / Result.threshold), else_=None
+            )
+            ordering = [case((known, 0), else_=1), doubt.asc(), Result.id.desc()]
+        else:
+            raise ValueError(f"order must be newest, oldest or doubt, got {order!r}")
         with self.session() as s:
             total = s.scalar(select(func.count()).select_from(Result).where(*conds)) or 0
             items = list(
-                s.scalars(select(Result).where(*conds).order_by(order).limit(limit).offset(offset))
+                s.scalars(
+                    select(Result).where(*conds).order_by(*ordering).limit(limit).offset(offset)
+                )
             )
         return Page(items, int(total))
+
+    def summary(
+        self,
+        since: datetime,
+        until: datetime | None = None,
+        *,
+        line: str | None = None,
+        lot: str | None = None,
+        product: str | None = None,
+        top: int = 10,
+    ) -> dict[str, Any]:
+        """Counts for the dashboard's header over ``[since, until)``: parts, OK,
+        NG, undecided, reviewed, alarms, and the same per line and per lot (the
+        ``top`` busiest of each)."""
+        conds = _filters(since, until, line, lot, product)
+        ng = func.sum(case((Result.is_defect.is_(True), 1), else_=0))
+        ok = func.sum(case((Result.is_defect.is_(False), 1), else_=0))
+        with self.session() as s:
+            n, n_ok, n_ng, reviewed, first, last = s.execute(
+                select(
+                    func.count(),
+                    ok,
+                    ng,
+                    func.count(Result.review_verdict),
+                    func.min(Result.created_at),
+                    func.max(Result.created_at),
+                ).where(*conds)
+            ).one()
+            alarm_conds = [Alarm.created_at >= since]
+            if until is not None:
+                alarm_conds.append(Alarm.created_at < until)
+            alarms = s.scalar(select(func.count()).select_from(Alarm).where(*alarm_conds))
+            groups = {}
+            for name, col in (("by_line", Result.line), ("by_lot", Result.lot)):
+                rows = s.execute(
+                    select(col, func.count(), ok, ng)
+                    .where(*conds)
+                    .group_by(col)
+                    .order_by(func.count().desc())
+                    .limit(top)
+                ).all()
+                groups[name] = [
+                    {"name": g, "n": int(c), "ok": int(o or 0), "ng": int(b or 0)}
+                    for g, c, o, b in rows
+                ]
+        return {
+            "n": int(n),
+            "ok": int(n_ok or 0),
+            "ng": int(n_ng or 0),
+            "unknown": int(n) - int(n_ok or 0) - int(n_ng or 0),
+            "reviewed": int(reviewed),
+            "alarms": int(alarms or 0),
+            "first": None if first is None else first.isoformat() + "Z",
+            "last": None if last is None else last.isoformat() + "Z",
+            **groups,
+        }
+
+    def facets(self, limit: int = 200) -> dict[str, list[str]]:
+        """The lines, lots, products and reviewed defect types seen so far (for
+        the dashboard's filters and review form; lots newest first)."""
+        with self.session() as s:
+
+            def distinct(col: Any, newest: bool = False) -> list[str]:
+                q = select(col).where(col.is_not(None)).group_by(col)
+                q = q.order_by(func.max(Result.id).desc() if newest else col).limit(limit)
+                return [v for v in s.scalars(q) if v]
+
+            return {
+                "lines": distinct(Result.line),
+                "lots": distinct(Result.lot, newest=True),
+                "products": distinct(Result.product),
+                "defect_types": distinct(Result.review_defect_type),
+            }
 
     def count(self) -> int:
         with self.session() as s:
