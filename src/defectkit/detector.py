@@ -568,9 +568,13 @@ class Detector:
         return self.rescorer.unsupervised_threshold_, own
 
     def save(self, path: str | Path) -> Path:
-        """Write the model file: the method's arrays under ``method.``, a bundled
-        classifier's under ``classifier.`` and a re-scorer's under ``rescorer.``, each
-        part's JSON under its own key."""
+        """Write the model file (atomically): :meth:`to_model_file`."""
+        return write_model(path, self.to_model_file())
+
+    def to_model_file(self) -> ModelFile:
+        """The model file's contents: the method's arrays under ``method.``, a
+        bundled classifier's under ``classifier.`` and a re-scorer's under
+        ``rescorer.``, each part's JSON under its own key."""
         arrays, state = self.model.learned_state()
         file_threshold, rescored = self._file_thresholds()
         info: dict[str, Any] = {
@@ -597,7 +601,7 @@ class Detector:
                 "threshold": rescored,
             }
             stored.update({f"{_RESCORER}{k}": v for k, v in rarrays.items()})
-        return write_model(path, ModelFile(info=info, arrays=stored))
+        return ModelFile(info=info, arrays=stored)
 
     @classmethod
     def load(cls, path: str | Path) -> Detector:
@@ -667,11 +671,18 @@ class Detector:
         it describes stay as they are; ``note`` is appended to its calibration
         history. Atomic, like every model write."""
         mf = read_model(path)
-        info = dict(mf.info)
+        try:
+            info = self.decision_info(mf.info, **note)
+        except ModelFileError as e:
+            raise ModelFileError(f"{path}: {e}") from None
+        return write_model(path if out is None else out, ModelFile(info=info, arrays=mf.arrays))
+
+    def decision_info(self, info: dict[str, Any], **note: Any) -> dict[str, Any]:
+        """A model file's description (``info``) with this detector's thresholds
+        and ``note`` appended to its calibration history (see :meth:`save_decision`)."""
+        info = dict(info)
         if info.get("method") != self.model.name:
-            raise ModelFileError(
-                f"{path}: holds method {info.get('method')!r}, not {self.model.name!r}"
-            )
+            raise ModelFileError(f"holds method {info.get('method')!r}, not {self.model.name!r}")
         file_threshold, rescored = self._file_thresholds()
         info["threshold"] = None if file_threshold is None else file_threshold.to_dict()
         if self.rescorer is not None:
@@ -685,7 +696,7 @@ class Detector:
         prov["calibrations"] = history
         info["provenance"] = prov
         self.info["calibrations"] = history
-        return write_model(path if out is None else out, ModelFile(info=info, arrays=mf.arrays))
+        return info
 
     def describe(self, full: bool = False) -> dict[str, Any]:
         """What the model holds; long path lists are summarised unless ``full``."""
@@ -767,4 +778,11 @@ def load_model(path: str | Path) -> Detector | DefectClassifier:
     mf = read_model(path)
     if is_classifier_file(mf.info):
         return DefectClassifier.from_model_file(mf, path)
+    from defectkit.products import is_product_file
+
+    if is_product_file(mf.info):
+        raise ModelFileError(
+            f"{path}: a unified model of several products; load it with "
+            "defectkit.pipeline.load (or ProductSet.load)"
+        )
     return Detector.from_model_file(mf, path)

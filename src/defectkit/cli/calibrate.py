@@ -73,6 +73,10 @@ def calibrate(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
+    product: Annotated[
+        str | None,
+        typer.Option(help="a unified model (fit --products): the product to re-calibrate"),
+    ] = None,
 ) -> None:
     """Re-choose the threshold on labelled images; no refit, arrays unchanged.
 
@@ -87,9 +91,17 @@ def calibrate(
         max_false_regions >= 0 and math.isfinite(max_false_regions)
     ):
         raise fail(f"--max-false-regions must be >= 0, got {max_false_regions}")
+    from defectkit.products import ProductSet
+
     samples = labelled_samples(data)
-    with pipeline.worker_pool(model, len(samples), jobs, runtime="torch") as pool:
-        det = pipeline.load_detector(model, "torch")  # a classifier alone is refused first
+    # one product of a unified model is scored in this process
+    with pipeline.worker_pool(model, len(samples), 1 if product else jobs, runtime="torch") as pool:
+        # a classifier alone is refused first, a unified model without --product too
+        loaded = pipeline.load_detector(model, "torch", products=product is not None)
+        unified = loaded if isinstance(loaded, ProductSet) else None
+        if product is not None and unified is None:
+            raise fail(f"--product {product}: {model} is not a unified model (fit --products)")
+        det = loaded if unified is None else unified.product(product)
         pipeline.check_target(rule, value, samples, data)
         with progress_bar(not quiet) as progress:
             scored = pipeline.score_dataset(
@@ -107,20 +119,24 @@ def calibrate(
     n_good = int((scored.label_array == 0).sum())
     n_defect = len(scored.labels) - n_good
     try:
-        written = det.save_decision(
-            model,
-            out_path,
-            rule=rule,
-            target=value,
-            data=str(data),
-            n_good=n_good,
-            n_defect=n_defect,
-            pixel_recalibrated=max_false_regions is not None,
-        )
+        note = {
+            "rule": rule,
+            "target": value,
+            "data": str(data),
+            "n_good": n_good,
+            "n_defect": n_defect,
+            "pixel_recalibrated": max_false_regions is not None,
+        }
+        if unified is None:
+            written = det.save_decision(model, out_path, **note)
+        else:
+            assert product is not None
+            written = unified.save_decision(model, product, out_path, **note)
     except OSError as e:
         raise fail(write_error(out_path or model, e)) from None
     record = {
         "model": str(written),
+        **({} if product is None else {"product": product}),
         "threshold": new.to_dict(),
         "previous_threshold": None if previous is None else previous.to_dict(),
         "pixel_threshold": None if pixel is None else pixel.to_dict(),

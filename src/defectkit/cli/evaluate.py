@@ -57,12 +57,14 @@ def evaluate(
     from defectkit.classify.classifier import DefectClassifier
     from defectkit.data.datasets import list_images
     from defectkit.pipeline.settings import resolve_manifest
+    from defectkit.products import ProductSet
 
     check_format(fmt, ("json", "table"))
     manifest = resolve_manifest(manifest, data)
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        n_test = len(list_images([data / "test"])[0]) if (data / "test").is_dir() else 0
+        tests = [data / "test"] if (data / "test").is_dir() else list(data.glob("*/test"))
+        n_test = len(list_images(tests)[0]) if tests else 0  # a products folder: theirs
         pool = stack.enter_context(
             pipeline.worker_pool(
                 model, n_test, jobs, batch_size, runtime=runtime, precision=precision
@@ -83,6 +85,9 @@ def evaluate(
                 )
                 if errors:
                     raise typer.Exit(EXIT_FILES_FAILED)
+                return
+            if isinstance(det, ProductSet):
+                _evaluate_products(det, data, fmt, progress, pool, batch_size, t0)
                 return
             metrics, errors = pipeline.evaluate_dataset(
                 det, data, progress=progress, pool=pool, batch_size=batch_size
@@ -112,6 +117,52 @@ def evaluate(
             _print_classification(metrics["defect_types"], f"defect types on {data}")
 
     _show(metrics, fmt, table)
+    if errors:
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _evaluate_products(
+    det: Any, data: Path, fmt: str, progress: Any, pool: Any, batch_size: int, t0: float
+) -> None:
+    """``evaluate`` of a unified model on a folder of product sets: figures per
+    product as the model routes its images, assignment, and overall."""
+    from defectkit.pipeline.products import evaluate_products
+
+    figures, errors = evaluate_products(
+        det, data, progress=progress, pool=pool, batch_size=batch_size
+    )
+    figures["seconds"] = round(time.perf_counter() - t0, 2)
+    figures["n_failed_files"] = len(errors)
+    skipped(errors)
+
+    def fmt3(v: Any) -> str:
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    def table() -> None:
+        t = Table(
+            "product folder", "images", "assigned right", "unknown", "image AUROC",
+            "pixel AUROC", "AUPRO", title=f"unified model on {data} (scores in threshold units)",
+        )  # fmt: skip
+        for name, f in figures["products"].items():
+            right = f.get("assignment_accuracy")
+            t.add_row(
+                name + ("" if name in det.detectors else " (not in the model)"),
+                str(f["n_images"]),
+                "n/a" if right is None else f"{right:.1%}",
+                f"{f['unknown_rate']:.1%}",
+                fmt3(f.get("image_auroc")),
+                fmt3(f.get("pixel_auroc")),
+                fmt3(f.get("aupro")),
+            )
+        o = figures["overall"]
+        acc = o["assignment_accuracy"]
+        t.add_row(
+            "overall", str(o["n_images"]), "n/a" if acc is None else f"{acc:.2%}", "",
+            fmt3(o["mean_image_auroc"]), fmt3(o["mean_pixel_auroc"]), fmt3(o["mean_aupro"]),
+        )  # fmt: skip
+        out.print(t)
+
+    _show(figures, fmt, table)
     if errors:
         raise typer.Exit(EXIT_FILES_FAILED)
 

@@ -138,11 +138,28 @@ def fit(
             "it is needed and the maps wait in a temporary folder (slower, memory bounded)"
         ),
     ] = DEFAULT_IMAGE_MEMORY / 2**30,
+    products: Annotated[
+        bool,
+        typer.Option(
+            "--products",
+            help="DATA holds one folder per product (an MVTec layout or good images): fit "
+            "one unified model that assigns each image to its product",
+        ),
+    ] = False,
+    add: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--add",
+            help="with --products: fit only this product folder of DATA and add it to the "
+            "unified model at --out, the others as they are (repeatable)",
+        ),
+    ] = None,
 ) -> None:
     """Learn what good parts look like and write a model file.
 
     With --method classifier: learn defect types from labelled images instead
     (DATA/<class>/*, --manifest CSV, or an MVTec layout's test/<type> folders).
+    With --products: one unified model over DATA's product folders.
     """
     from defectkit import pipeline
     from defectkit.classify.classifier import CLASSIFIER_METHOD
@@ -192,6 +209,21 @@ def fit(
     )
     if out_path.is_dir():
         raise fail(f"--out {out_path} is a folder; give the model file to write (.dkm)")
+    if add and not products:
+        raise fail("--add is for --products (a unified model of several products)")
+    if products:
+        per_set = {
+            "--calibration-dir": calibration_dir,
+            "--defects": defects,
+            "--defect-masks": defect_masks,
+            "--manifest": manifest,
+            "--classify-types": classify_types or None,
+        }
+        extra = [flag for flag, given in per_set.items() if given is not None]
+        if extra:
+            raise fail(f"{', '.join(extra)}: not with --products (each product folder fits alone)")
+        _fit_products(settings, data, out_path, add or [], quiet)
+        return
     where = pipeline.FitData(data, calibration_dir, defects, defect_masks, manifest)
     with progress_bar(not quiet) as progress:
         result = pipeline.fit(settings, where, progress)
@@ -210,6 +242,50 @@ def fit(
     )
     _print_fitted(det)
     if result.errors:
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _fit_products(settings: Any, root: Path, out_path: Path, add: list[str], quiet: bool) -> None:
+    """``fit ROOT --products [--add NAME]``: one detector per product folder and
+    the router, in one model file."""
+    from defectkit.pipeline.products import fit_products
+    from defectkit.products import ProductSet
+
+    base = None
+    if add:
+        if not out_path.exists():
+            raise fail(f"--add: no unified model at --out {out_path} to add to")
+        base = ProductSet.load(out_path)
+    with progress_bar(not quiet) as progress:
+        result = fit_products(settings, root, add=add, base=base, progress=progress)
+    n_errors = 0
+    for name, fitted in result.fitted.items():
+        err.print(f"[bold]product {name}[/]", highlight=False)
+        for note in fitted.notes:
+            err.print(note, highlight=False)
+        skipped(fitted.errors)
+        n_errors += len(fitted.errors)
+        _print_fitted(fitted.detector)
+    model = result.model
+    try:
+        model.save(out_path)
+    except OSError as e:
+        raise fail(write_error(out_path, e)) from None
+    kept = [n for n in model.products if n not in result.fitted]
+    err.print(
+        f"unified model of {len(model.products)} products ({', '.join(model.products)}): "
+        f"fitted {len(result.fitted)}"
+        + (f", kept {len(kept)} as they were" if kept else "")
+        + f" in {result.seconds:.1f} s -> {out_path}",
+        highlight=False,
+    )
+    err.print(
+        "each image is assigned to the product whose training images it is nearest to; "
+        "one farther from every product than their own images are from each other (x"
+        f"{model.router.margin:g}) is answered 'unknown product'",
+        highlight=False,
+    )
+    if n_errors:
         raise typer.Exit(EXIT_FILES_FAILED)
 
 

@@ -160,7 +160,8 @@ def inspect(
             maps_out=maps_out,
             pool=pool,
         )
-        types = det.classifier.classes_ if det.classifier is not None else None
+        clf = getattr(det, "classifier", None)  # a unified model: per product, not here
+        types = clf.classes_ if clf is not None else None
         n_failed = _emit(batches, fmt, len(paths), quiet, types=types, skip_first=bool(problems))
         if pool is not None and pool.failure:
             err.print(f"[yellow]{shown(pool.failure)}; its images were inspected here[/]")

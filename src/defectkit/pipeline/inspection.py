@@ -15,13 +15,14 @@ import numpy as np
 from defectkit.classify.classifier import DefectClassifier
 from defectkit.decide.records import failed_record, inspect_loaded, type_fields
 from defectkit.detector import Detector
+from defectkit.products import ProductSet, unknown_record
 from defectkit.scale.local_pool import WorkerPool, ordered_batches
 
 Record = dict[str, Any]
 
 
 def inspect_batch(
-    det: Detector,
+    det: Detector | ProductSet,
     batch: tuple[int, Sequence[Any]],
     *,
     mm_per_pixel: float | None = None,
@@ -34,8 +35,9 @@ def inspect_batch(
 
     first, items = batch
     loaded = [it if isinstance(it, Loaded) else load_item(it) for it in items]
-    return inspect_loaded(
-        det,
+    # a unified model assigns each image to its product, whose detector inspects it
+    run = det.inspect_loaded if isinstance(det, ProductSet) else partial(inspect_loaded, det)
+    return run(
         loaded,
         [str(it.path) for it in loaded],
         mm_per_pixel=mm_per_pixel,
@@ -46,7 +48,7 @@ def inspect_batch(
 
 
 def inspect(
-    det: Detector,
+    det: Detector | ProductSet,
     paths: Sequence[Path],
     *,
     problems: Sequence[tuple[Path, str]] = (),
@@ -60,7 +62,8 @@ def inspect(
     (``problems``), then one per batch of ``paths``, in order. With ``maps_out``,
     overlays are written there (see :func:`~defectkit.decide.records.inspect_loaded`)."""
     if problems:
-        yield [failed_record(det, str(p), problem) for p, problem in problems]
+        failed = unknown_record if isinstance(det, ProductSet) else partial(failed_record, det)
+        yield [failed(str(p), problem) for p, problem in problems]
     if maps_out is not None:
         maps_out.mkdir(parents=True, exist_ok=True)
     work = partial(inspect_batch, mm_per_pixel=mm_per_pixel, rules=rules, maps_out=maps_out)
