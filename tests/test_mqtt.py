@@ -4,6 +4,7 @@ the broker is down or restarted, never blocking the store."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import socket
@@ -47,6 +48,9 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {folder}/\nautosave_interval 1\n"
+            # started as root, mosquitto would drop to user mosquitto, which cannot
+            # write in pytest's private tmp_path: sessions would not survive a restart
+            f"user {getpass.getuser()}\n"
         )
         self.proc: subprocess.Popen | None = None
 
