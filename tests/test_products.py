@@ -181,3 +181,22 @@ def test_cli_evaluate_gives_figures_per_product_and_spots_a_stranger(tmp_path):
     assert per["stone"]["unknown_rate"] == 1.0 and "assignment_accuracy" not in per["stone"]
     assert figures["overall"]["assignment_accuracy"] == 1.0
     assert figures["overall"]["n_images"] == 24
+
+
+def test_cli_report_names_one_product(unified, root, tmp_path):
+    from defectkit.data.synthetic import generate_demo
+
+    model = unified.save(tmp_path / "u.dkm")
+    data = generate_demo(
+        tmp_path / "d", seed=4, categories=("brushed_metal",), size=SIZE, n_train=4,
+        n_test_good=3, n_test_per_defect=1,
+    )["brushed_metal"]  # fmt: skip
+    runner = CliRunner()
+    html = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", str(model), str(data), "--out", str(html), "-q"])
+    assert res.exit_code != 0 and "name one with --product" in res.output
+    res = runner.invoke(
+        app, ["report", str(model), str(data), "--out", str(html), "--product", "metal", "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    assert html.stat().st_size > 1000

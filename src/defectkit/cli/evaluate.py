@@ -198,6 +198,10 @@ def report(
     severity_rules: Annotated[Path | None, typer.Option(help=SEVERITY_RULES_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     jobs: Annotated[int, typer.Option(help=JOBS_HELP, min=0)] = 0,
+    product: Annotated[
+        str | None,
+        typer.Option(help="a unified model (fit --products): the product to report on"),
+    ] = None,
 ) -> None:
     """Write a self-contained HTML report of a labelled test set.
 
@@ -214,8 +218,9 @@ def report(
     rules = decision_options(mm_per_pixel, severity_rules)
     samples = labelled_samples(data)
     t0 = time.perf_counter()
-    with pipeline.worker_pool(model, len(samples), jobs, runtime="torch") as pool:
-        det = pipeline.load_detector(model, "torch")
+    # one product of a unified model is scored in this process
+    with pipeline.worker_pool(model, len(samples), 1 if product else jobs, runtime="torch") as pool:
+        det = _one_product(pipeline.load_detector(model, "torch", products=True), product, model)
         with progress_bar(not quiet) as progress:
             scored = pipeline.score_dataset(
                 det, samples, progress=progress, pool=pool, stage="report"
@@ -234,6 +239,23 @@ def report(
         err.print(f"report written to {out_path} in {summary['seconds']['total']:.1f} s")
     if scored.errors:
         raise typer.Exit(EXIT_FILES_FAILED)
+
+
+def _one_product(det: Any, product: str | None, model: Path) -> Any:
+    """The detector to report on: the model's, or ``product``'s of a unified model."""
+    from defectkit.products import ProductSet
+
+    if isinstance(det, ProductSet):
+        if product is None:
+            raise fail(
+                f"{model} is a unified model of {len(det.products)} products "
+                f"({', '.join(det.products)}): name one with --product (evaluate gives "
+                "figures for all of them)"
+            )
+        return det.product(product)
+    if product is not None:
+        raise fail(f"--product {product}: {model} is not a unified model (fit --products)")
+    return det
 
 
 def _report_table(s: dict[str, Any], title: str) -> Table:
