@@ -5,6 +5,7 @@ one model file, products added without refitting the others, and the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,7 @@ def test_cli_evaluate_gives_figures_per_product_and_spots_a_stranger(tmp_path):
         tmp_path / "lines", seed=3, size=(64, 64), n_train=16, n_test_good=4,
         n_test_per_defect=2,
     )  # fmt: skip
+    shutil.rmtree(sets["fabric"] / "ground_truth")  # image labels only, as casting has
     fitted = tmp_path / "fitted"  # two of the three products
     fitted.mkdir()
     for name in ("brushed_metal", "fabric"):
@@ -176,8 +178,9 @@ def test_cli_evaluate_gives_figures_per_product_and_spots_a_stranger(tmp_path):
     for name in ("brushed_metal", "fabric"):
         assert per[name]["assignment_accuracy"] == 1.0 and per[name]["unknown_rate"] == 0.0
         assert per[name]["n_images"] == 4 + 2 * 4  # good + 2 of each of 4 defect kinds
-        assert per[name]["image_auroc"] > 0.7 and per[name]["pixel_auroc"] is not None
+        assert per[name]["image_auroc"] > 0.7
         assert per[name]["threshold_used"] == 1.0  # scores in threshold units
+    assert per["brushed_metal"]["pixel_auroc"] > 0.5 and per["fabric"]["pixel_auroc"] is None
     assert per["stone"]["unknown_rate"] == 1.0 and "assignment_accuracy" not in per["stone"]
     assert figures["overall"]["assignment_accuracy"] == 1.0
     assert figures["overall"]["n_images"] == 24

@@ -122,12 +122,13 @@ def evaluate_products(
         )
         errors += scored.errors
         assigned = [ex.get("product") for ex in scored.extras]
+        with_masks = any(s.mask_path for s in ds.test)  # else image labels only
         figures = evaluate_metrics(
             scored.label_array,
             scored.score_array,
             types=scored.types,
-            masks=scored.masks if any(s.mask_path for s in ds.test) else None,
-            maps=scored.maps,
+            masks=scored.masks if with_masks else None,
+            maps=scored.maps if with_masks else None,
             threshold=1.0,
         )
         figures["n_images"] = len(assigned)
