@@ -6,15 +6,18 @@ Fits the default model on magnetic-tile (or reuses ``--model``), measures the
 CLI's ``inspect`` rate on the test images (process start and model load
 included), then, each with a fresh SQLite database, in the same run:
 
-1. the service scoring one image at a time (``--max-batch 1``, as before
-   micro-batching) and
-2. the service with its defaults (micro-batching),
+1. the service scoring one image at a time in one process (``--max-batch 1
+   --jobs 1``, as before micro-batching),
+2. micro-batching in one process (``--jobs 1``, as before worker processes) and
+3. workers: the service with its defaults (micro-batching, and ``--jobs`` auto:
+   this process and a worker process per further usable core, one torch thread
+   each, as ``defectkit inspect`` scores),
 
 each under ``--clients`` clients posting test images one after another for
 ``--seconds``; then
-3. overload: ``--overload-clients`` (32) clients against ``--max-queue``
-   ``--overload-queue`` (16) for half as long: requests beyond the queue must be
-   answered 429 at once, the accepted ones with bounded latency.
+4. overload: the defaults again, ``--overload-clients`` (32) clients against
+   ``--max-queue`` ``--overload-queue`` (16) for half as long: requests beyond the
+   queue must be answered 429 at once, the accepted ones with bounded latency.
 
 Reports errors, p50 / p99 latency, throughput (and its ratio to the CLI rate),
 and checks that every accepted request is a row in the database (rows ==
@@ -143,11 +146,18 @@ def main() -> None:
         cli = run_cli(["inspect", str(model), str(args.data / "test"), "-q"], True)
         cli_rate = len(paths) / cli.seconds
 
+        one = ["--jobs", "1"]
         runs = [
-            ("one at a time (--max-batch 1)", ["--max-batch", "1"], args.clients, args.seconds),
-            ("micro-batching (defaults)", [], args.clients, args.seconds),
             (
-                f"overload: --max-queue {args.overload_queue}",
+                "one at a time (--max-batch 1 --jobs 1)",
+                ["--max-batch", "1", *one],
+                args.clients,
+                args.seconds,
+            ),
+            ("micro-batching (--jobs 1)", one, args.clients, args.seconds),
+            ("workers (defaults: micro-batching, --jobs auto)", [], args.clients, args.seconds),
+            (
+                f"overload: defaults, --max-queue {args.overload_queue}",
                 ["--max-queue", str(args.overload_queue)],
                 args.overload_clients,
                 args.seconds / 2,
@@ -179,9 +189,10 @@ def main() -> None:
         f"- machine: {machine()}",
         f"- data: {len(paths)} test images of {args.data.name}, posted round-robin; "
         "model: default `defectkit fit` settings; SQLite (WAL) store; "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; the three "
-        "services ran one after another in this run; a client answered 429 waits "
-        "Retry-After and goes on",
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; the "
+        f"{len(results)} services ran one after another in this run, each started "
+        "fresh (its worker processes load the model meanwhile); a client answered 429 "
+        "waits Retry-After and goes on",
         f"- CLI `inspect` rate (same images, process start included): {cli_rate:.2f} images/s",
         "",
         "| service | clients | accepted (201) | 429 | other errors | rows == accepted | "

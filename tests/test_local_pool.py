@@ -14,7 +14,7 @@ from conftest import cli_fit
 from typer.testing import CliRunner
 
 from defectkit.cli import app
-from defectkit.errors import DefectkitError
+from defectkit.errors import DefectkitError, ImageError
 from defectkit.pipeline.inspection import inspect_batch as _real_inspect_batch
 from defectkit.pipeline.scoring import worker_model as _real_worker_model
 from defectkit.report.collect import score_batch as _real_score_batch
@@ -114,6 +114,16 @@ def test_batches_of_a_worker_that_died_are_redone_here(tmp_path: Path) -> None:
 def test_a_defectkit_error_in_a_worker_is_raised_here(tmp_path: Path) -> None:
     with pytest.raises(DefectkitError, match="model and backbone disagree"):
         _run(tmp_path, _model, _refuses)
+
+
+def _unusable(model: dict[str, int], batch: int) -> tuple[int, int]:
+    raise ImageError(f"{batch}.png", "too large")
+
+
+def test_an_image_error_in_a_worker_is_raised_here_whole(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="too large") as caught:
+        _run(tmp_path, _model, _unusable)
+    assert caught.value.problem == "too large" and caught.value.path.endswith(".png")
 
 
 def test_without_a_pool_everything_runs_here() -> None:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,11 +176,11 @@ def test_concurrent_requests_are_all_stored_and_scored_in_batches_one_at_a_time(
     detector, store, demo_root, monkeypatch
 ):
     good, bad = demo_test_images(demo_root)
-    import defectkit.serve.app as app_mod
+    import defectkit.serve.inspection as inspection_mod
 
     active, peak, sizes = [0], [0], []
     lock = threading.Lock()
-    real = app_mod.inspect_images
+    real = inspection_mod.inspect_images
 
     def counting(det, images, names):
         with lock:
@@ -193,7 +194,7 @@ def test_concurrent_requests_are_all_stored_and_scored_in_batches_one_at_a_time(
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(app_mod, "inspect_images", counting)
+    monkeypatch.setattr(inspection_mod, "inspect_images", counting)
     app = create_app(detector, store, token=TOKEN)
     paths = (good + bad)[:8]
     codes: list[int] = []
@@ -227,16 +228,16 @@ def test_a_full_queue_answers_429_at_once(detector, store, demo_root, monkeypatc
     """Beyond max_queue waiting requests: 429 with Retry-After, nothing stored for
     them; every accepted request is stored."""
     good, _ = demo_test_images(demo_root)
-    import defectkit.serve.app as app_mod
+    import defectkit.serve.inspection as inspection_mod
 
     gate = threading.Event()
-    real = app_mod.inspect_images
+    real = inspection_mod.inspect_images
 
     def blocked(det, images, names):
         gate.wait(30)
         return real(det, images, names)
 
-    monkeypatch.setattr(app_mod, "inspect_images", blocked)
+    monkeypatch.setattr(inspection_mod, "inspect_images", blocked)
     app = create_app(detector, store, token=TOKEN, max_batch=1, max_queue=2)
     codes: list[int] = []
     with TestClient(app) as c:
@@ -282,17 +283,17 @@ def test_a_bad_upload_in_a_batch_fails_alone(detector, store, demo_root, monkeyp
     """A corrupt image batched with good ones gets its 415; the others are scored
     and stored as usual."""
     good, _ = demo_test_images(demo_root)
-    import defectkit.serve.app as app_mod
+    import defectkit.serve.inspection as inspection_mod
 
     sizes: list[int] = []
-    real = app_mod.inspect_images
+    real = inspection_mod.inspect_images
 
     def slow(det, images, names):
         sizes.append(len(images))
         time.sleep(0.3)
         return real(det, images, names)
 
-    monkeypatch.setattr(app_mod, "inspect_images", slow)
+    monkeypatch.setattr(inspection_mod, "inspect_images", slow)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     paths = [good[0], broken, good[1], good[2]]
@@ -315,3 +316,207 @@ def test_a_bad_upload_in_a_batch_fails_alone(detector, store, demo_root, monkeyp
     assert codes.pop("broken.png") == 415
     assert set(codes.values()) == {201} and store.count() == 3
     assert sum(sizes) == 3
+
+
+# -- scoring in worker processes ---------------------------------------------------
+def _reporting_worker_model(path: str, flag: str):
+    """A worker's model (as ``defectkit serve`` loads it) that writes its pid to
+    ``flag`` when it starts scoring a batch, then takes a minute: long enough to
+    be killed mid-batch. Module level, so a spawned worker can unpickle it."""
+    import os
+
+    from defectkit.pipeline.scoring import worker_model
+
+    det = worker_model(path)
+    real = det.score
+
+    def score(images, *args, **kwargs):
+        Path(flag).write_text(str(os.getpid()))
+        time.sleep(60)
+        return real(images, *args, **kwargs)
+
+    det.score = score
+    return det
+
+
+def _wait_until(condition, what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def _metric(text: str, name: str) -> int:
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not in /metrics"
+    return int(float(values[0]))
+
+
+class _HeldHere:
+    """Holds every batch scored in this process until ``release()``, so that the
+    batches sent meanwhile can only be scored by a worker."""
+
+    def __init__(self, monkeypatch) -> None:
+        import defectkit.serve.inspection as inspection_mod
+
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.calls = 0
+        real = inspection_mod.inspect_images
+
+        def held(det, images, names):
+            self.calls += 1
+            self.entered.set()
+            assert self.gate.wait(60), "never released"
+            return real(det, images, names)
+
+        monkeypatch.setattr(inspection_mod, "inspect_images", held)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+@pytest.fixture(scope="module")
+def model_path(detector, tmp_path_factory):
+    return detector.save(tmp_path_factory.mktemp("model") / "small.dkm")
+
+
+@pytest.fixture(scope="module")
+def pool(model_path):
+    """One real worker process that loaded the model, as ``defectkit serve --jobs 2``."""
+    from functools import partial
+
+    from defectkit.pipeline.scoring import worker_model
+    from defectkit.scale.local_pool import WorkerPool
+
+    with WorkerPool(1, partial(worker_model, str(model_path))) as p:
+        _wait_until(p.ready, "the worker has loaded its model")
+        yield p
+
+
+def _same_record(body: dict, detector, path, name: str) -> None:
+    expected = inspect_image(detector, load_image(path), name).record
+    assert body["score"] == pytest.approx(expected["score"], rel=1e-5, abs=1e-5)
+    for key in ("is_defect", "threshold", "width", "height", "severity", "path"):
+        assert body[key] == expected[key], key
+    assert [r["bbox"] for r in body["regions"] or []] == [
+        list(r["bbox"]) for r in expected["regions"] or []
+    ]
+
+
+def test_a_worker_process_scores_batches_with_the_same_records(
+    detector, store, demo_root, pool, monkeypatch
+):
+    """While this process is busy, batches go to the worker and are answered; the
+    records are those of scoring in this process, and stored the same way."""
+    good, bad = demo_test_images(demo_root)
+    here = _HeldHere(monkeypatch)
+    app = create_app(detector, store, token=TOKEN, pool=pool)
+    answers: dict[str, dict] = {}
+    with TestClient(app) as c:
+        first = threading.Thread(target=lambda: answers.update(first=_post(c, good[0]).json()))
+        first.start()
+        assert here.entered.wait(30)  # this process holds the first batch
+        for p in good[1:3] + bad[:3]:  # answered while it still does: by the worker
+            r = _post(c, p)
+            assert r.status_code == 201, r.text
+            answers[str(p)] = r.json()
+        metrics = c.get("/metrics").text
+        here.release()
+        first.join(60)
+        ov = c.get(answers[str(bad[0])]["links"]["overlay"])
+    assert here.calls == 1
+    assert _metric(metrics, "defectkit_scoring_processes") == 2
+    assert _metric(metrics, 'defectkit_batches_total{process="worker"}') == 5
+    assert store.count() == 6
+    assert answers["first"]["path"] == good[0].name
+    _same_record(answers["first"], detector, good[0], good[0].name)
+    for p in good[1:3] + bad[:3]:
+        _same_record(answers[str(p)], detector, p, p.name)
+        assert store.get(answers[str(p)]["id"]).score == pytest.approx(answers[str(p)]["score"])
+    assert ov.status_code == 200 and ov.content.startswith(b"\x89PNG")
+
+
+def test_a_bad_upload_in_a_batch_sent_to_a_worker_fails_alone(
+    detector, store, demo_root, pool, monkeypatch, tmp_path
+):
+    good, _ = demo_test_images(demo_root)
+    here = _HeldHere(monkeypatch)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    app = create_app(detector, store, token=TOKEN, pool=pool, max_wait=0.5)
+    codes: dict[str, int] = {}
+    with TestClient(app) as c:
+
+        def send(p):
+            r = _post(c, p)
+            codes[str(p)] = r.status_code
+            if r.status_code == 415:
+                assert "not a usable image" in r.json()["detail"]
+
+        first = threading.Thread(target=send, args=(good[0],))
+        first.start()
+        assert here.entered.wait(30)
+        threads = [threading.Thread(target=send, args=(p,)) for p in (good[1], broken, good[2])]
+        for t in threads:  # within max_wait of each other: one batch, for the worker
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join(60)
+        assert codes == {str(good[1]): 201, str(broken): 415, str(good[2]): 201}
+        assert store.count() == 2  # while this process still holds its batch
+        here.release()
+        first.join(60)
+        metrics = c.get("/metrics").text
+    assert codes[str(good[0])] == 201 and store.count() == 3
+    assert _metric(metrics, 'defectkit_batches_total{process="worker"}') == 1
+    assert 'defectkit_batch_size_bucket{le="2"} 1' in metrics  # the first alone
+    assert _metric(metrics, "defectkit_batch_size_sum") == 4  # and the three together
+
+
+def test_a_batch_whose_worker_is_killed_is_scored_here(
+    detector, store, demo_root, model_path, monkeypatch, tmp_path
+):
+    """SIGKILL the worker mid-batch: its requests are answered (scored in this
+    process), nothing is lost, and the service goes on with this process alone."""
+    import os
+    import signal
+    from functools import partial
+
+    from defectkit.scale.local_pool import WorkerPool
+
+    good, bad = demo_test_images(demo_root)
+    flag = tmp_path / "scoring.pid"
+    here = _HeldHere(monkeypatch)
+    setup = partial(_reporting_worker_model, str(model_path), str(flag))
+    answers: dict[str, int] = {}
+    with WorkerPool(1, setup) as pool:
+        _wait_until(pool.ready, "the worker has loaded its model")
+        app = create_app(detector, store, token=TOKEN, pool=pool)
+        with TestClient(app) as c:
+
+            def send(p):
+                r = _post(c, p)
+                answers[str(p)] = r.status_code
+                assert r.status_code == 201, r.text
+                _same_record(r.json(), detector, p, p.name)
+
+            threads = [threading.Thread(target=send, args=(good[0],))]
+            threads[0].start()
+            assert here.entered.wait(30)  # this process is busy: the next goes to the worker
+            threads.append(threading.Thread(target=send, args=(bad[0],)))
+            threads[1].start()
+            _wait_until(flag.exists, "the worker scores its batch", 60)
+            os.kill(int(flag.read_text()), signal.SIGKILL)
+            _wait_until(lambda: pool.failure is not None, "the death is noticed", 30)
+            here.release()
+            for t in threads:
+                t.join(60)
+            r = _post(c, good[1])  # and the service goes on, in this process
+            assert r.status_code == 201
+            metrics = c.get("/metrics").text
+    assert answers == {str(good[0]): 201, str(bad[0]): 201}
+    assert store.count() == 3 and "stopped" in pool.failure
+    assert _metric(metrics, "defectkit_scoring_processes") == 1
+    assert _metric(metrics, 'defectkit_batches_total{process="main"}') == 3
+    assert _metric(metrics, 'defectkit_batches_total{process="worker"}') == 0

@@ -29,10 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, data_dir: Path, port: int) -> subprocess.Popen:
+def start_server(model: Path, data_dir: Path, port: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "defectkit.cli", "serve", str(model), "--data-dir",
-           str(data_dir), "--port", str(port), "--token", TOKEN, "--threads", "1"]  # fmt: skip
+           str(data_dir), "--port", str(port), "--token", TOKEN, "--threads", "1",
+           *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     end = time.monotonic() + 60
     while time.monotonic() < end:
@@ -98,6 +99,68 @@ def test_serve_survives_sigkill_and_export_labels(model_file, demo_root, tmp_pat
         assert (out / r["image"]).is_file()
         assert (out / r["image"]).resolve().is_relative_to(out.resolve())
     assert (out / rows[0]["image"]).read_bytes() == good[0].read_bytes()
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Worker processes (spawned by multiprocessing) whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_serve_jobs_scores_in_worker_processes_and_stops_them(model_file, demo_root, tmp_path):
+    import threading
+
+    good, bad = demo_test_images(demo_root)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(model_file, tmp_path / "results", port, "--jobs", "2")
+    codes: list[int] = []
+    try:
+        workers = _spawned_children(proc.pid)
+        assert len(workers) == 1, workers
+
+        def send(paths):
+            for p in paths:
+                r = httpx.post(f"{base}/inspect", files={"file": (p.name, p.read_bytes())},
+                               headers=AUTH, timeout=60)  # fmt: skip
+                codes.append(r.status_code)
+
+        images = good + bad
+        threads = [threading.Thread(target=send, args=(images[k::4],)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        metrics = httpx.get(f"{base}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        proc.stdout.close()
+    assert codes == [201] * len(images), codes
+    assert "defectkit_scoring_processes 2" in metrics, metrics
+    assert f"defectkit_results_stored {len(images)}" in metrics
+    deadline = time.monotonic() + 15
+    while any(_running(w) for w in workers):  # gone with the service
+        assert time.monotonic() < deadline, "a worker process outlived the service"
+        time.sleep(0.1)
 
 
 def test_export_labels_without_a_database_is_a_usage_error(tmp_path):

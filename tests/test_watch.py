@@ -202,6 +202,58 @@ def test_a_database_down_at_start_is_waited_for(
     store.close()
 
 
+def test_worker_processes_score_batches_with_the_same_results(
+    model: Path, det: Detector, surface_set: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a worker process, some batches are scored there: every file gets the
+    outcome and score it gets in this process alone, in the order found; a copy of
+    an image inspected in the same poll is inspected once."""
+    from functools import partial
+
+    import defectkit.serve.inspection as inspection_mod
+    from defectkit.data.images import load_image
+    from defectkit.pipeline.scoring import worker_model
+    from defectkit.scale.local_pool import WorkerPool
+
+    inbox = tmp_path / "in"
+    for i, im in enumerate(surface_set["good"][:4] + surface_set["bad"][:4]):
+        _write(inbox, f"{i:02d}.png", im)
+    (inbox / "03b.png").write_bytes(b"not an image at all")
+    shutil.copy(inbox / "00.png", inbox / "00copy.png")
+    here: list[int] = []  # batches scored in this process
+    real = inspection_mod.inspect_images
+
+    def counting(d, images, names):
+        here.append(len(images))
+        return real(d, images, names)
+
+    monkeypatch.setattr(inspection_mod, "inspect_images", counting)
+    store = _store(tmp_path)
+    with WorkerPool(1, partial(worker_model, str(model))) as pool:
+        deadline = time.monotonic() + 120
+        while not pool.ready():
+            assert time.monotonic() < deadline, "the worker never loaded its model"
+            time.sleep(0.02)
+        settings = WatchSettings(inbox, settle_seconds=0, batch_size=2)
+        outcomes = HotFolder(det, store, settings, pool=pool).step()
+    assert pool.failure is None
+    names = [o.path.name for o in outcomes]
+    assert names == [f"{i:02d}.png" for i in range(3)] + ["03.png", "03b.png"] + [
+        f"{i:02d}.png" for i in range(4, 8)
+    ] + ["00copy.png"]
+    status = {o.path.name: o.status for o in outcomes}
+    assert status.pop("00copy.png") == "already" and status.pop("03b.png") == "error"
+    assert set(status.values()) == {"inspected"} and store.count() == 8
+    assert sum(here) < 8  # the rest were scored by the worker
+    for o in outcomes:
+        if o.status == "inspected":
+            alone = det.score([load_image(o.path)]).scores[0]
+            assert o.score == pytest.approx(float(alone), rel=1e-5, abs=1e-5)
+            assert store.get(o.result_id).score == o.score
+    assert [o.result_id for o in outcomes if o.status == "inspected"] == list(range(1, 9))
+    store.close()
+
+
 def test_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a folder"):
         WatchSettings(tmp_path / "missing")

@@ -17,6 +17,10 @@ class ImageError(DefectkitError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self) -> tuple[type[ImageError], tuple[str | None, str]]:
+        # rebuilt from both arguments: raised in a worker process, it arrives whole
+        return type(self), (self.path, self.problem)
+
 
 class DatasetError(DefectkitError):
     """A dataset folder or manifest is unusable (empty, wrong layout, bad masks)."""

@@ -49,6 +49,11 @@ JOBS_HELP = (
     f"{MAX_AUTO_JOBS}, from {MIN_IMAGES_FOR_WORKERS} images on; 1: this process alone, "
     "all cores)"
 )
+#: --jobs of the commands that score a stream (serve, watch)
+STREAM_JOBS_HELP = (
+    "processes scoring, this one included, one torch thread each (0: one per CPU core, "
+    f"at most {MAX_AUTO_JOBS}; 1: this process alone, on --threads threads)"
+)
 OVERLAP_HELP = "px shared by neighbouring tiles (default tile/8)"
 BLEND_HELP = "stitching of overlaps: max or mean"
 

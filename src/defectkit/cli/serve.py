@@ -8,13 +8,15 @@ from typing import Annotated
 
 import typer
 
-from defectkit.cli.common import PRECISION_HELP, command, err, fail, out
+from defectkit.cli.common import PRECISION_HELP, STREAM_JOBS_HELP, command, err, fail, out
 
 #: the results database, shared by the service and what reads its results
 DbOption = Annotated[
     str | None,
     typer.Option(help="database URL (postgresql://...); default SQLite in --data-dir"),
 ]
+
+JobsOption = Annotated[int, typer.Option(help=STREAM_JOBS_HELP, min=0)]
 
 MqttOption = Annotated[
     str | None,
@@ -42,8 +44,9 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload, MiB")] = 20.0,
     webhook: Annotated[str | None, typer.Option(help="URL to POST SPC alarms to")] = None,
     spc_baseline: Annotated[int, typer.Option(help="good parts that set the SPC baseline")] = 100,
-    threads: Annotated[int, typer.Option(help="torch threads of the scoring worker")] = 2,
+    threads: Annotated[int, typer.Option(help="torch threads with --jobs 1")] = 2,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
+    jobs: JobsOption = 0,
     max_queue: Annotated[
         int, typer.Option(help="requests that may wait to be scored; beyond it 429", min=1)
     ] = 64,
@@ -77,6 +80,7 @@ def serve(
         precision=precision,
         batching={"max_queue": max_queue, "max_batch": max_batch, "max_wait": batch_wait_ms / 1e3},
         mqtt=mqtt,
+        jobs=jobs,
     )
 
 
@@ -133,8 +137,9 @@ def watch(
     once: Annotated[
         bool, typer.Option("--once", help="inspect what is complete now, then exit")
     ] = False,
-    threads: Annotated[int, typer.Option(help="torch threads for scoring")] = 2,
+    threads: Annotated[int, typer.Option(help="torch threads with --jobs 1")] = 2,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "float32",
+    jobs: JobsOption = 0,
     mqtt: MqttOption = None,
 ) -> None:
     """Inspect every image that appears in FOLDER once, store it as `serve` does
@@ -143,10 +148,11 @@ def watch(
     import logging
     import sys
     import threading
+    from contextlib import ExitStack
 
     import torch
 
-    from defectkit.pipeline import load_detector
+    from defectkit.pipeline import load_detector, worker_pool
     from defectkit.serve.mqtt import Broker, MqttPublisher
     from defectkit.serve.runner import default_db_url
     from defectkit.serve.store import ResultStore
@@ -165,27 +171,29 @@ def watch(
         lot=lot,
     )
     broker = None if mqtt is None else Broker.parse(mqtt)
-    torch.set_num_threads(max(1, threads))
-    det = load_detector(model, "auto", precision, threads=max(1, threads))
-    store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
-    publisher = None if broker is None else MqttPublisher(broker, store).start()
-    hot = HotFolder(det, store, settings)
 
     def say(outcome: Outcome) -> None:
         sys.stdout.write(json.dumps(outcome.to_dict()) + "\n")
         sys.stdout.flush()
 
-    try:
-        if once:
-            for outcome in hot.step():
-                say(outcome)
-        else:
-            hot.run(threading.Event(), on_outcome=say)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if publisher is not None:
-            publisher.stop()
-        store.close()
+    with ExitStack() as stack:
+        # the workers start first: their start-up overlaps this process's own
+        pool = stack.enter_context(worker_pool(model, None, jobs, precision=precision))
+        if pool is None:
+            torch.set_num_threads(max(1, threads))
+        det = load_detector(model, "auto", precision, threads=1 if pool else max(1, threads))
+        store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+        stack.callback(store.close)
+        if broker is not None:
+            stack.callback(MqttPublisher(broker, store).start().stop)
+        hot = HotFolder(det, store, settings, pool=pool)
+        try:
+            if once:
+                for outcome in hot.step():
+                    say(outcome)
+            else:
+                hot.run(threading.Event(), on_outcome=say)
+        except KeyboardInterrupt:
+            pass
     counts = ", ".join(f"{n} {k}" for k, n in sorted(hot.counts.items())) or "nothing"
     err.print(f"watch: {counts}", highlight=False)

@@ -54,7 +54,7 @@ def worker_model(
 @contextmanager
 def worker_pool(
     model: str | os.PathLike[str],
-    n_images: int,
+    n_images: int | None,
     jobs: int = 0,
     batch_size: int = 16,
     *,
@@ -62,12 +62,14 @@ def worker_pool(
     precision: str = "float32",
     tiling: Tiling | None = None,
 ) -> Iterator[WorkerPool | None]:
-    """Worker processes for scoring ``n_images`` (None when one process is better:
-    few images, or ``jobs`` 1), with this process's torch and faiss on one thread
-    meanwhile. Enter it before this process loads the model: the workers' start-up
-    then overlaps its own."""
-    n_batches = -(-n_images // batch_size)
-    n_jobs = min(jobs or auto_jobs(n_images), max(1, n_batches))
+    """Worker processes for scoring ``n_images`` (None: a stream that does not end,
+    as the service and the hot folder score), or None when one process is better
+    (few images, or ``jobs`` 1); ``jobs`` counts this process too. This process's
+    torch and faiss run on one thread meanwhile. Enter it before this process loads
+    the model: the workers' start-up then overlaps its own."""
+    n_jobs = jobs or auto_jobs(n_images)
+    if n_images is not None:
+        n_jobs = min(n_jobs, max(1, -(-n_images // batch_size)))
     if n_jobs <= 1:
         yield None
         return

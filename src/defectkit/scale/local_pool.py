@@ -12,7 +12,9 @@ and Python threads cannot share it: two threads with one torch thread each took
 spawned worker processes that each load the model once; results come back in
 input order. Workers start before this process loads its own model, so their
 start-up (mostly importing torch) overlaps its own. A worker that cannot start
-or dies only costs speed: this process does its batches itself.
+or dies only costs speed: this process does its batches itself. The service
+(``defectkit serve``, :class:`~defectkit.serve.inspection.UploadScorer`) and the
+hot folder (``defectkit watch``) score on the same workers.
 
 >>> with WorkerPool(1, partial(load_model, path)) as pool:  # doctest: +SKIP
 ...     for records in ordered_batches(batches, partial(work, model), pool, work):
@@ -79,11 +81,13 @@ def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     return q / p if q > 0 and p > 0 else None
 
 
-def auto_jobs(n_images: int, cores: int | None = None) -> int:
+def auto_jobs(n_images: int | None, cores: int | None = None) -> int:
     """Processes for inspecting ``n_images``: one per usable core for long lists
-    (at most ``MAX_AUTO_JOBS``)."""
+    (at most ``MAX_AUTO_JOBS``). ``None`` is a stream that does not end (the
+    service, the hot folder): one per usable core too."""
     cores = usable_cores() if cores is None else cores
-    return min(cores, MAX_AUTO_JOBS) if n_images >= MIN_IMAGES_FOR_WORKERS else 1
+    long = n_images is None or n_images >= MIN_IMAGES_FOR_WORKERS
+    return min(cores, MAX_AUTO_JOBS) if long else 1
 
 
 @contextmanager

@@ -16,11 +16,17 @@ set):
   they use (``/summary``, ``/facets``, chart SVGs, patch images; see
   :mod:`defectkit.serve.dashboard`)
 
-Images are scored by one scoring thread, so that concurrent requests queue
-instead of oversubscribing the CPU cores, and requests that arrive together are
-scored as one batch (:mod:`defectkit.serve.batcher`). At most ``max_queue``
-requests wait; beyond that ``POST /inspect`` answers 429 with ``Retry-After`` at
-once, so the latency of accepted requests stays bounded.
+Requests that arrive together are scored as one batch
+(:mod:`defectkit.serve.batcher`). Batches are scored one at a time in this
+process and, given a :class:`~defectkit.scale.local_pool.WorkerPool`
+(``defectkit serve --jobs``), at the same time in its worker processes, one torch
+thread each, as ``defectkit inspect`` scores
+(:class:`~defectkit.serve.inspection.UploadScorer`; a batch
+whose worker died is scored here). Concurrent requests queue instead of
+oversubscribing the CPU cores: at most ``max_queue`` wait; beyond that ``POST
+/inspect`` answers 429 with ``Retry-After`` at once, so the latency of accepted
+requests stays bounded. Results are stored one at a time, in the batcher's
+threads, so the SPC charts see them in the order of their ids.
 
 While the results database is down (at start or later), requests that need it
 get 503 with ``Retry-After`` and nothing is recorded; ``POST /inspect`` can be
@@ -41,7 +47,6 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Form, Header, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -49,12 +54,11 @@ from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from defectkit.data.images import decode_image_bytes
 from defectkit.detector import Detector
-from defectkit.errors import ImageError
+from defectkit.scale.local_pool import WorkerPool
 from defectkit.serve.batcher import Batcher, Job, QueueFull
 from defectkit.serve.dashboard import mount as mount_dashboard
-from defectkit.serve.inspection import DB_UNAVAILABLE, inspect_images, store_result
+from defectkit.serve.inspection import DB_UNAVAILABLE, Unusable, UploadScorer, store_result
 from defectkit.serve.inspection import replay as replay_results
 from defectkit.serve.spc import SpcMonitor
 from defectkit.serve.store import ResultStore
@@ -133,9 +137,13 @@ def create_app(
     max_batch: int = 16,
     max_wait: float = 0.005,
     max_queue: int = 64,
+    pool: WorkerPool | None = None,
 ) -> FastAPI:
     """The service around a fitted detector and an open store; ``token`` None
-    leaves write endpoints open (for embedding; ``defectkit serve`` always sets one)."""
+    leaves write endpoints open (for embedding; ``defectkit serve`` always sets one).
+    ``pool``: worker processes that score batches too (each loaded the same model,
+    e.g. with :func:`~defectkit.pipeline.scoring.worker_model`); the caller starts
+    and closes it. None scores in this process alone."""
     monitor = spc if spc is not None else SpcMonitor()
     metrics = _Metrics()
 
@@ -208,26 +216,24 @@ def create_app(
             headers={"Retry-After": str(RETRY_AFTER)},
         )
 
+    scorer = UploadScorer(detector, pool)
+    storing = threading.Lock()  # rows and charts in the same order; one replay
+
     def score_and_store(jobs: list[Job]) -> None:
-        """One batch: decode, score together, then store each and answer it."""
-        ready: list[tuple[Job, np.ndarray]] = []
-        for job in jobs:
-            data, name, _ = job.payload
-            try:
-                ready.append((job, decode_image_bytes(data, name)))
-            except ImageError as e:
-                job.future.set_exception(HTTPException(415, f"not a usable image: {e}"))
-        if not ready:
-            return
-        inspections = inspect_images(
-            detector, [im for _, im in ready], [j.payload[1] for j, _ in ready]
-        )
-        for (job, _), ins in zip(ready, inspections, strict=True):
+        """One batch (in one of the batcher's threads): decode and score together,
+        here or in a worker, then store each and answer it."""
+        scored = scorer([(data, name) for data, name, _ in (job.payload for job in jobs)])
+        for job, result in zip(jobs, scored, strict=True):
             data, name, meta = job.payload
+            if isinstance(result, Unusable):
+                problem = f"not a usable image: {result.message}"
+                job.future.set_exception(HTTPException(415, problem))
+                continue
             try:
-                if replay_pending:  # the database was down at start
-                    replay()
-                row, events = store_result(store, monitor, ins, data, name, meta)
+                with storing:
+                    if replay_pending:  # the database was down at start
+                        replay()
+                    row, events = store_result(store, monitor, result, data, name, meta)
             except DB_UNAVAILABLE as e:
                 job.future.set_exception(db_down(e))
                 continue
@@ -237,7 +243,15 @@ def create_app(
                 metrics.inspections[verdict] += 1
             job.future.set_result(row.to_dict())
 
-    batcher = Batcher(score_and_store, max_batch=max_batch, max_wait=max_wait, max_queue=max_queue)
+    # a batch in this process, and one running and one waiting in each worker
+    consumers = 1 + 2 * (pool.workers if pool is not None else 0)
+    batcher = Batcher(
+        score_and_store,
+        max_batch=max_batch,
+        max_wait=max_wait,
+        max_queue=max_queue,
+        consumers=consumers,
+    )
 
     @app.post("/inspect", status_code=201, dependencies=[Depends(require_token)])
     async def inspect(
@@ -421,6 +435,15 @@ def create_app(
                 "# HELP defectkit_queue_capacity Requests that may wait before 429.",
                 "# TYPE defectkit_queue_capacity gauge",
                 f"defectkit_queue_capacity {batcher.max_queue}",
+                "# HELP defectkit_scoring_processes Processes scoring (this one and workers).",
+                "# TYPE defectkit_scoring_processes gauge",
+                f"defectkit_scoring_processes {scorer.processes}",
+                "# HELP defectkit_batches_total Batches scored, by process.",
+                "# TYPE defectkit_batches_total counter",
+                *(
+                    f'defectkit_batches_total{{process="{where}"}} {scorer.batches[where]}'
+                    for where in ("main", "worker")
+                ),
                 "# HELP defectkit_batch_size Images scored together, per batch.",
                 "# TYPE defectkit_batch_size histogram",
             ]

@@ -5,12 +5,23 @@ service and the hot folder (``defectkit watch``).
 The record has the same keys as a line of ``defectkit inspect --format jsonl``
 (``path`` is the upload's name), so the service and the CLI share one result
 contract.
+
+A batch of uploads (their bytes and names) is scored by :func:`inspect_uploads`,
+in this process or in a worker process of a
+:class:`~defectkit.scale.local_pool.WorkerPool` (the same workers as
+``defectkit inspect --jobs``): it decodes, scores and encodes the overlays, and
+gives back plain data that pickles. :class:`UploadScorer` spreads the batches of
+several threads over this process and the workers.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
+from collections import Counter
+from concurrent.futures import CancelledError, Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +29,12 @@ import numpy as np
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from defectkit.data.images import decode_image_bytes
 from defectkit.decide.overlay import region_overlay
 from defectkit.decide.records import image_record
 from defectkit.detector import Detector
+from defectkit.errors import ImageError
+from defectkit.scale.local_pool import WorkerPool, WorkerSetupError
 from defectkit.serve.spc import AlarmEvent, SpcMonitor
 from defectkit.serve.store import Result, ResultStore
 
@@ -79,6 +93,121 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class Scored:
+    """An upload's result object and its overlay as PNG bytes, ready to store."""
+
+    record: dict[str, Any]
+    overlay_png: bytes
+
+
+@dataclass
+class Unusable:
+    """An upload that is not a usable image, and why (the decoder's message)."""
+
+    message: str
+
+
+def inspect_uploads(det: Detector, uploads: list[tuple[bytes, str]]) -> list[Scored | Unusable]:
+    """Decode the uploads ``(bytes, name)`` and score the usable ones as one batch
+    (:func:`inspect_images`); one that cannot be decoded gives :class:`Unusable` in
+    its place. Also the work of a worker process (``pool.submit(inspect_uploads,
+    uploads)``): the overlays are encoded here, so only plain data comes back."""
+    out: list[Scored | Unusable | None] = [None] * len(uploads)
+    images, names, at = [], [], []
+    for i, (data, name) in enumerate(uploads):
+        try:
+            images.append(decode_image_bytes(data, name))
+        except ImageError as e:
+            out[i] = Unusable(str(e))
+            continue
+        names.append(name)
+        at.append(i)
+    if images:
+        for i, ins in zip(at, inspect_images(det, images, names), strict=True):
+            out[i] = Scored(ins.record, png_bytes(ins.overlay))
+    return [x for x in out if x is not None]
+
+
+#: a worker process that is gone: its batch is scored in this process instead
+WORKER_GONE = (BrokenProcessPool, CancelledError, WorkerSetupError)
+
+
+class UploadScorer:
+    """:func:`inspect_uploads` for batches handed in by several threads at once:
+    a batch is scored in this process while it is free (one batch at a time; its
+    model is not shared between threads), else in a worker of ``pool`` once one
+    has loaded its model. A batch finds no worker while none is ready or after
+    the pool stopped (a worker could not start or died): it then waits for this
+    process, and a batch whose worker died is scored here again, so no request is
+    lost. The pool is not restarted."""
+
+    def __init__(self, detector: Detector, pool: WorkerPool | None = None) -> None:
+        self.detector = detector
+        self.pool = pool
+        #: batches scored, by where: "main" (this process) or "worker"
+        self.batches: Counter[str] = Counter()
+        self._here = threading.Lock()
+        self._lock = threading.Lock()  # the pool and the counts
+        self._told = False
+
+    @property
+    def processes(self) -> int:
+        """Processes scoring: this one, and the workers while the pool runs."""
+        pool = self.pool
+        return 1 + (pool.workers if pool is not None and pool.alive else 0)
+
+    def __call__(self, uploads: list[tuple[bytes, str]]) -> list[Scored | Unusable]:
+        if self._here.acquire(blocking=False):
+            try:
+                return self._score_here(uploads)
+            finally:
+                self._here.release()
+        future = self._submit(uploads)
+        if future is not None:
+            try:
+                result = future.result()
+            except WORKER_GONE as e:
+                self._stop(f"worker process stopped ({type(e).__name__}: {e})")
+            else:
+                self._count("worker")
+                return result
+        with self._here:
+            return self._score_here(uploads)
+
+    def _score_here(self, uploads: list[tuple[bytes, str]]) -> list[Scored | Unusable]:
+        result = inspect_uploads(self.detector, uploads)
+        self._count("main")
+        return result
+
+    def _submit(self, uploads: list[tuple[bytes, str]]) -> Future[list[Scored | Unusable]] | None:
+        pool = self.pool
+        if pool is None:
+            return None
+        with self._lock:
+            future = pool.submit(inspect_uploads, uploads) if pool.ready() else None
+        self._tell()
+        return future
+
+    def _stop(self, reason: str) -> None:
+        assert self.pool is not None
+        with self._lock:
+            self.pool.stop(reason)
+        self._tell()
+
+    def _tell(self) -> None:
+        """Log once that the workers are gone (their batches are scored here)."""
+        pool = self.pool
+        if pool is None or pool.failure is None or self._told:
+            return
+        self._told = True
+        log.warning("%s; every batch is now scored in this process", pool.failure)
+
+    def _count(self, where: str) -> None:
+        with self._lock:
+            self.batches[where] += 1
+
+
 def replay(store: ResultStore, monitor: SpcMonitor, limit: int = REPLAY) -> None:
     """Feed the newest ``limit`` stored results to the charts, oldest first, so that
     they continue after a restart. Rows are read before any is fed: a database
@@ -95,17 +224,20 @@ def replay(store: ResultStore, monitor: SpcMonitor, limit: int = REPLAY) -> None
 def store_result(
     store: ResultStore,
     monitor: SpcMonitor,
-    ins: Inspection,
+    scored: Scored,
     image: bytes,
     name: str,
     meta: dict[str, str | None],
 ) -> tuple[Result, list[AlarmEvent]]:
-    """Store one inspection (files, then the committed row), then feed the SPC
+    """Store one scored upload (files, then the committed row), then feed the SPC
     charts and store the alarms they raise. A database failure while adding the
     row propagates (nothing was recorded; the image may be sent again); once the
     row is committed, an alarm that cannot be stored is logged (it stays in the
-    monitor) rather than raised, so a caller never records the image twice."""
-    row = store.add(ins.record, image, png_bytes(ins.overlay), filename=name, **meta)
+    monitor) rather than raised, so a caller never records the image twice.
+
+    Callers in several threads hold one lock around it, so that the charts see
+    the results in the order of their ids (as :func:`replay` feeds them)."""
+    row = store.add(scored.record, image, scored.overlay_png, filename=name, **meta)
     events = monitor.update(
         row.score, row.is_defect, lot=row.lot, created_at=row.created_at, result_id=row.id
     )

@@ -1,4 +1,5 @@
-"""``defectkit serve``: open the store, load the model, run uvicorn."""
+"""``defectkit serve``: start the worker processes, open the store, load the
+model, run uvicorn."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import secrets
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,14 @@ def serve(
     precision: str = "float32",
     batching: dict[str, Any] | None = None,
     mqtt: str | None = None,
+    jobs: int = 0,
 ) -> None:
+    """``jobs``: processes scoring, this one included (0: one per usable core);
+    above 1, every process scores on one torch thread and ``threads`` is unused."""
     import torch
     import uvicorn
 
-    from defectkit.pipeline import load_detector
+    from defectkit.pipeline import load_detector, worker_pool
     from defectkit.serve.app import create_app
     from defectkit.serve.spc import SpcMonitor
     from defectkit.serve.store import ResultStore
@@ -43,7 +48,6 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    torch.set_num_threads(max(1, threads))
     token = token or os.environ.get("DEFECTKIT_TOKEN")
     if not token:
         token = secrets.token_urlsafe(24)
@@ -55,21 +59,25 @@ def serve(
     from defectkit.serve.mqtt import Broker, MqttPublisher
 
     broker = None if mqtt is None else Broker.parse(mqtt)  # checked before any work
-    det = load_detector(model, "auto", precision, threads=max(1, threads))
-    store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
-    publisher = None if broker is None else MqttPublisher(broker, store).start()
-    app = create_app(
-        det,
-        store,
-        token=token,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-        spc=SpcMonitor(baseline=baseline, webhook_url=webhook),
-        model_name=model.name,
-        **(batching or {}),
-    )
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
+    with ExitStack() as stack:
+        # the workers start first: their start-up overlaps this process's own
+        pool = stack.enter_context(worker_pool(model, None, jobs, precision=precision))
+        if pool is None:
+            torch.set_num_threads(max(1, threads))
+        det = load_detector(model, "auto", precision, threads=1 if pool else max(1, threads))
+        store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
+        stack.callback(store.close)
+        publisher = None if broker is None else MqttPublisher(broker, store).start()
         if publisher is not None:
-            publisher.stop()
-        store.close()
+            stack.callback(publisher.stop)
+        app = create_app(
+            det,
+            store,
+            token=token,
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            spc=SpcMonitor(baseline=baseline, webhook_url=webhook),
+            model_name=model.name,
+            pool=pool,
+            **(batching or {}),
+        )
+        uvicorn.run(app, host=host, port=port, log_level="warning")

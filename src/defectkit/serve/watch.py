@@ -15,6 +15,12 @@ commit leaves the file where it was: the next run finds its result and only
 moves it. A crash before leaves no row: the next run inspects it. Two files
 with the same bytes are one image, inspected once.
 
+Batches are scored in this process and, given a
+:class:`~defectkit.scale.local_pool.WorkerPool` (``defectkit watch --jobs``), in
+its worker processes too, as ``defectkit inspect`` scores
+(:func:`~defectkit.scale.local_pool.ordered_batches`); results are stored and
+files moved in the order the files were found.
+
 >>> settings = WatchSettings(Path("camera"), move_to=Path("done"))  # doctest: +SKIP
 >>> HotFolder(det, store, settings).run()                            # doctest: +SKIP
 """
@@ -30,14 +36,21 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from defectkit.data.datasets import IMAGE_EXTENSIONS
-from defectkit.data.images import decode_image_bytes
 from defectkit.detector import Detector
-from defectkit.errors import ConfigError, ImageError
-from defectkit.serve.inspection import DB_UNAVAILABLE, inspect_images, replay, store_result
+from defectkit.errors import ConfigError
+from defectkit.scale.local_pool import WorkerPool, ordered_batches
+from defectkit.serve.inspection import (
+    DB_UNAVAILABLE,
+    Unusable,
+    inspect_uploads,
+    replay,
+    store_result,
+)
 from defectkit.serve.spc import SpcMonitor
 from defectkit.serve.store import ResultStore
 
@@ -45,6 +58,8 @@ log = logging.getLogger("defectkit.watch")
 
 #: a file NAME is complete as soon as NAME + this exists (written after it)
 MARKER = ".done"
+#: files read ahead at most: this many batches for each process scoring
+BATCHES_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -116,12 +131,15 @@ class HotFolder:
     monitor: SpcMonitor = field(default_factory=SpcMonitor)
     clock: Callable[[], float] = time.monotonic
     counts: Counter[str] = field(default_factory=Counter)
+    #: worker processes that score batches too (None: this process alone)
+    pool: WorkerPool | None = None
 
     def __post_init__(self) -> None:
         self._seen: dict[Path, _Seen] = {}
         # files handled and left in place (no move_to), by (size, mtime): not read again
         self._handled: dict[Path, tuple[int, int]] = {}
         self._replayed = False
+        self._told = False
 
     # -- finding complete files ---------------------------------------------------
     def _candidates(self) -> Iterator[Path]:
@@ -174,42 +192,60 @@ class HotFolder:
             log.warning("results database unavailable (%s); retrying at the next poll", e)
             return []
         out: list[Outcome] = []
-        paths = self.ready()
-        size = self.settings.batch_size
-        for start in range(0, len(paths), size):
-            try:
-                out += self._batch(paths[start : start + size])
-            except DB_UNAVAILABLE as e:
-                log.warning("results database unavailable (%s); retrying at the next poll", e)
-                break
+        todo = self.ready()
+        processes = 1 + (self.pool.workers if self.pool is not None else 0)
+        ahead = self.settings.batch_size * BATCHES_AHEAD * processes
+        try:
+            while todo:
+                todo = self._inspect(todo[:ahead], out) + todo[ahead:]
+        except DB_UNAVAILABLE as e:
+            log.warning("results database unavailable (%s); retrying at the next poll", e)
+        if self.pool is not None and self.pool.failure and not self._told:
+            self._told = True
+            log.warning("%s; every batch is now scored in this process", self.pool.failure)
         return out
 
-    def _batch(self, paths: list[Path]) -> list[Outcome]:
-        out: list[Outcome] = []
-        todo: list[tuple[Path, bytes, Any]] = []
+    def _inspect(self, paths: list[Path], out: list[Outcome]) -> list[Path]:
+        """Inspect the new images among ``paths`` in batches, adding each file's
+        outcome to ``out`` once it is done; returns the files left for after these:
+        copies of an image inspected among them."""
+        todo: list[tuple[Path, bytes]] = []
+        later: list[Path] = []
+        hashes: set[str] = set()
         for path in paths:
             try:
                 data = path.read_bytes()
             except OSError as e:
                 log.warning("%s: cannot read (%s); trying again at the next poll", path, e)
                 continue
-            row = self.store.find_image(hashlib.sha256(data).hexdigest())
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in hashes:  # found "already" once the first copy is stored
+                later.append(path)
+                continue
+            row = self.store.find_image(sha)
             if row is not None:
                 out.append(self._done(path, "already", row.id, row.is_defect, row.score))
                 continue
-            try:
-                todo.append((path, data, decode_image_bytes(data, str(path))))
-            except ImageError as e:
-                log.error("%s: not inspected: %s", path, e)
-                out.append(self._done(path, "error", message=str(e)))
-        if todo:
-            names = [self._name(p) for p, _, _ in todo]
-            inspections = inspect_images(self.detector, [im for _, _, im in todo], names)
-            meta = {"line": self.settings.line, "lot": self.settings.lot, "part_id": None}
-            for (path, data, _), name, ins in zip(todo, names, inspections, strict=True):
-                row, _ = store_result(self.store, self.monitor, ins, data, name, meta)
+            hashes.add(sha)
+            todo.append((path, data))
+        size = self.settings.batch_size
+        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+        uploads = [[(data, self._name(path)) for path, data in batch] for batch in batches]
+        scored = ordered_batches(
+            uploads, partial(inspect_uploads, self.detector), self.pool, inspect_uploads
+        )
+        meta = {"line": self.settings.line, "lot": self.settings.lot, "part_id": None}
+        for batch, results in zip(batches, scored, strict=True):
+            for (path, data), result in zip(batch, results, strict=True):
+                if isinstance(result, Unusable):
+                    log.error("%s: not inspected: %s", path, result.message)
+                    out.append(self._done(path, "error", message=result.message))
+                    continue
+                row, _ = store_result(
+                    self.store, self.monitor, result, data, self._name(path), meta
+                )
                 out.append(self._done(path, "inspected", row.id, row.is_defect, row.score))
-        return out
+        return later
 
     def _name(self, path: Path) -> str:
         return path.relative_to(self.settings.folder).as_posix()
