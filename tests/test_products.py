@@ -203,3 +203,41 @@ def test_cli_report_names_one_product(unified, root, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert html.stat().st_size > 1000
+
+
+def test_service_routes_stores_and_charts_each_product_apart(unified, queries, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from defectkit.serve.app import create_app
+    from defectkit.serve.spc import SpcMonitor
+    from defectkit.serve.store import ResultStore
+
+    store = ResultStore.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "blobs")
+    app = create_app(unified, store, spc=SpcMonitor(baseline=5), model_name="u.dkm")
+    sent = [queries["metal"][0], queries["metal"][1], queries["cloth"][0], queries["stone"][0]]
+    with TestClient(app) as client:
+        got = []
+        for p in sent:
+            r = client.post("/inspect", files={"file": (p.name, p.read_bytes(), "image/png")})
+            assert r.status_code == 201, r.text
+            got.append(r.json())
+        assert [g["product"] for g in got] == ["metal", "metal", "cloth", None]
+        assert got[0]["is_defect"] is False and got[3]["is_defect"] is None
+        assert got[3]["product_note"].startswith("unknown product")
+        assert [r["id"] for r in client.get("/results?product=metal").json()["items"]] == [2, 1]
+        metal = client.get("/spc", params={"product": "metal"}).json()
+        assert metal["product"] == "metal" and len(metal["scores"]["points"]) == 2
+        assert len(client.get("/spc", params={"product": "cloth"}).json()["scores"]["points"]) == 1
+        assert client.get("/spc").json()["products"] == ["cloth", "metal"]
+        assert client.get("/spc", params={"product": "stone"}).status_code == 404
+        svg = client.get("/spc/scores.svg", params={"product": "metal"}).text
+        assert svg.count('class="point"') == 2
+        assert client.get("/model").json()["kind"] == "products"
+        assert client.get("/facets").json()["products"] == ["cloth", "metal"]
+    store.close()
+    # a restart replays each product's results onto its own charts
+    store = ResultStore.open(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "blobs")
+    mon = SpcMonitor(baseline=5)
+    create_app(unified, store, spc=mon)
+    assert len(mon.charts_of("metal").state()["scores"]["points"]) == 2
+    store.close()

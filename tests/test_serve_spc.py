@@ -211,3 +211,19 @@ def test_drift_replay_alarms_within_50_parts_and_not_without_drift(
     part = ids.index(first)
     assert BASELINE <= part < BASELINE + 50, f"first alarm at part {part}"
     assert _wait_for(lambda: received)  # and it went to the webhook
+
+
+def test_each_product_has_its_own_baseline_limits_and_alarm_label():
+    mon = SpcMonitor(baseline=5)
+    for i in range(30):  # two products whose good scores differ tenfold
+        mon.update(1.0 + 0.01 * (i % 3), False, product="a", result_id=i)
+        mon.update(10.0 + 0.1 * (i % 3), False, product="b", result_id=100 + i)
+    a, b = mon.charts_of("a").state(), mon.charts_of("b").state()
+    assert a["scores"]["center"] < 1.1 < 9 < b["scores"]["center"]
+    assert mon.state()["scores"]["points"] == [] and mon.products == ["a", "b"]
+    assert mon.charts_of("c") is None  # asking never creates charts
+    events = []
+    for i in range(40):  # product a drifts up; b stays
+        events += mon.update(3.0, False, product="a", result_id=200 + i)
+    assert events and all(e.message.startswith("[a] ") for e in events)
+    assert mon.charts_of("b").alarms == []

@@ -11,7 +11,8 @@ set):
   ``GET /results/{id}``, ``GET /results/{id}/overlay.png``, ``GET /results/{id}/image``
 - ``POST /results/{id}/review``: JSON ``{"verdict": "defect"|"good",
   "defect_type": ..., "comment": ...}``
-- ``GET /spc``, ``GET /model``, ``GET /health``, ``GET /metrics`` (Prometheus text)
+- ``GET /spc`` (``product``: a unified model's products have their own charts),
+  ``GET /model``, ``GET /health``, ``GET /metrics`` (Prometheus text)
 - ``/`` and ``/dashboard/...``: the dashboard pages, and the read endpoints only
   they use (``/summary``, ``/facets``, chart SVGs, patch images; see
   :mod:`defectkit.serve.dashboard`)
@@ -55,6 +56,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from defectkit.detector import Detector
+from defectkit.products import ProductSet
 from defectkit.scale.local_pool import WorkerPool
 from defectkit.serve.batcher import Batcher, Job, QueueFull
 from defectkit.serve.dashboard import mount as mount_dashboard
@@ -127,7 +129,7 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
 
 
 def create_app(
-    detector: Detector,
+    detector: Detector | ProductSet,
     store: ResultStore,
     *,
     token: str | None = None,
@@ -371,8 +373,11 @@ def create_app(
         return row.to_dict()
 
     @app.get("/spc")
-    def spc_state() -> dict[str, Any]:
-        state = monitor.state()
+    def spc_state(product: str | None = None) -> dict[str, Any]:
+        charts = monitor.charts_of(product)  # a unified model charts each product apart
+        if charts is None:
+            raise HTTPException(404, f"no control charts for product {product!r} yet")
+        state = charts.state()
         try:
             state["stored_alarms"] = [a.to_dict() for a in store.alarms()]
         except DB_UNAVAILABLE:  # the charts live in memory: still show them

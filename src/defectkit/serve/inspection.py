@@ -34,6 +34,7 @@ from defectkit.decide.overlay import region_overlay
 from defectkit.decide.records import image_record
 from defectkit.detector import Detector
 from defectkit.errors import ImageError
+from defectkit.products import ProductSet, unknown_record
 from defectkit.scale.local_pool import WorkerPool, WorkerSetupError
 from defectkit.serve.spc import AlarmEvent, SpcMonitor
 from defectkit.serve.store import Result, ResultStore
@@ -60,8 +61,15 @@ def inspect_image(det: Detector, image: np.ndarray, name: str) -> Inspection:
     return inspect_images(det, [image], [name])[0]
 
 
-def inspect_images(det: Detector, images: list[np.ndarray], names: list[str]) -> list[Inspection]:
-    """:func:`inspect_image` for a batch, scored in one call (the backbone's batch)."""
+def inspect_images(
+    det: Detector | ProductSet, images: list[np.ndarray], names: list[str]
+) -> list[Inspection]:
+    """:func:`inspect_image` for a batch, scored in one call (the backbone's batch).
+    A unified model assigns each image to its product first, whose detector then
+    inspects it (``product`` and ``product_confidence`` in the record); an image
+    of no known product gets no score and no verdict, its overlay is the image."""
+    if isinstance(det, ProductSet):
+        return _inspect_products(det, images, names)
     result = det.score(images)
     decisions = det.decide(result.scores)
     out = []
@@ -83,6 +91,29 @@ def inspect_images(det: Detector, images: list[np.ndarray], names: list[str]) ->
         overlay = region_overlay(image, result.maps[i], det.map_threshold, regions, labels)
         out.append(Inspection(rec, overlay))
     return out
+
+
+def _inspect_products(
+    det: ProductSet, images: list[np.ndarray], names: list[str]
+) -> list[Inspection]:
+    found = det.assign(images)
+    out: list[Inspection | None] = [None] * len(images)
+    groups: dict[str, list[int]] = {}
+    for i, a in enumerate(found):
+        if a.product is None:
+            rec = unknown_record(names[i], None, a)
+            rec.update(width=int(images[i].shape[1]), height=int(images[i].shape[0]))
+            out[i] = Inspection(rec, images[i])
+        else:
+            groups.setdefault(a.product, []).append(i)
+    for product, idx in groups.items():
+        done = inspect_images(
+            det.detectors[product], [images[i] for i in idx], [names[i] for i in idx]
+        )
+        for i, ins in zip(idx, done, strict=True):
+            ins.record.update(product=product, product_confidence=found[i].confidence)
+            out[i] = ins
+    return [x for x in out if x is not None]
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -217,7 +248,7 @@ def replay(store: ResultStore, monitor: SpcMonitor, limit: int = REPLAY) -> None
     for row in rows:
         monitor.update(
             row.score, row.is_defect, lot=row.lot, created_at=row.created_at,
-            result_id=row.id, notify=False,
+            result_id=row.id, notify=False, product=row.product,
         )  # fmt: skip
 
 
@@ -238,9 +269,10 @@ def store_result(
     Callers in several threads hold one lock around it, so that the charts see
     the results in the order of their ids (as :func:`replay` feeds them)."""
     row = store.add(scored.record, image, scored.overlay_png, filename=name, **meta)
-    events = monitor.update(
-        row.score, row.is_defect, lot=row.lot, created_at=row.created_at, result_id=row.id
-    )
+    events = monitor.update(  # a product's results on its own charts
+        row.score, row.is_defect, lot=row.lot, created_at=row.created_at, result_id=row.id,
+        product=row.product,
+    )  # fmt: skip
     for e in events:
         try:
             store.add_alarm(e.chart, e.rule, e.message, e.result_id)

@@ -64,7 +64,9 @@ def serve(
         pool = stack.enter_context(worker_pool(model, None, jobs, precision=precision))
         if pool is None:
             torch.set_num_threads(max(1, threads))
-        det = load_detector(model, "auto", precision, threads=1 if pool else max(1, threads))
+        det = load_detector(
+            model, "auto", precision, threads=1 if pool else max(1, threads), products=True
+        )
         store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
         stack.callback(store.close)
         publisher = None if broker is None else MqttPublisher(broker, store).start()

@@ -33,7 +33,7 @@ import math
 import threading
 import urllib.request
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -91,12 +91,47 @@ class SpcMonitor:
     _series: deque = field(default_factory=deque, repr=False)
     alarms: list[AlarmEvent] = field(default_factory=list, repr=False)
     n_good_: int = 0
+    #: the product this monitor charts (None: the results without one)
+    product: str | None = None
+    _products: dict[str, SpcMonitor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.baseline < 5:
             raise ValueError("baseline must be at least 5 parts")
         self._series = deque(maxlen=self.history)
         self._lock = threading.Lock()
+
+    # -- products -----------------------------------------------------------------
+    def for_product(self, product: str | None) -> SpcMonitor:
+        """The charts of one product (a unified model's results): their own
+        baseline, limits and groups, the same settings. None: this monitor."""
+        if product is None or product == self.product:
+            return self
+        with self._lock:
+            child = self._products.get(product)
+            if child is None:
+                settings = {
+                    f.name: getattr(self, f.name)
+                    for f in fields(self)
+                    if f.init and not f.name.startswith("_") and not f.name.endswith("_")
+                    and f.name not in ("alarms", "product")
+                }  # fmt: skip
+                child = self._products[product] = SpcMonitor(**settings, product=product)
+            return child
+
+    def charts_of(self, product: str | None) -> SpcMonitor | None:
+        """The charts of ``product`` if it has any (None: this monitor's own);
+        never creates them."""
+        if product is None or product == self.product:
+            return self
+        with self._lock:
+            return self._products.get(product)
+
+    @property
+    def products(self) -> list[str]:
+        """The products charted apart so far."""
+        with self._lock:
+            return sorted(self._products)
 
     # -- feeding ----------------------------------------------------------------
     def update(
@@ -108,15 +143,24 @@ class SpcMonitor:
         created_at: datetime | None = None,
         result_id: int | None = None,
         notify: bool = True,
+        product: str | None = None,
     ) -> list[AlarmEvent]:
-        """Add one result; returns the alarms it raised (already logged and posted
-        when ``notify``)."""
+        """Add one result (to its ``product``'s charts when given); returns the
+        alarms it raised (already logged and posted when ``notify``)."""
+        if product is not None and product != self.product:
+            return self.for_product(product).update(
+                score, is_defect, lot=lot, created_at=created_at, result_id=result_id,
+                notify=notify,
+            )  # fmt: skip
         with self._lock:
             events: list[AlarmEvent] = []
             if is_defect is not None:
                 events += self._p_chart(is_defect, lot, created_at, result_id)
             if is_defect is False and score is not None and math.isfinite(score):
                 events += self._scores(float(score), result_id, created_at)
+            if self.product is not None:  # the stored alarm says whose charts
+                for e in events:
+                    e.message = f"[{self.product}] {e.message}"
             self.alarms.extend(events)
         if notify:
             for e in events:
@@ -287,6 +331,8 @@ class SpcMonitor:
                     "points": list(self._series),
                 },
                 "alarms": [a.to_dict() for a in self.alarms[-100:]],
+                "product": self.product,
+                "products": sorted(self._products),
             }
 
     def _notify(self, event: AlarmEvent) -> None:

@@ -6,8 +6,8 @@ step) served at ``/dashboard/``, and the read endpoints only they need.
   (over the window and over the last five minutes), alarms, and per line and lot
 - ``GET /facets``: lines, lots, products and defect types seen, plus the defect
   types the model's classifier knows (the filters' and the review form's choices)
-- ``GET /spc/scores.svg``, ``GET /spc/p.svg``: the control charts
-  (:mod:`defectkit.serve.charts`)
+- ``GET /spc/scores.svg``, ``GET /spc/p.svg`` (``product``: a unified model
+  charts each product apart): the control charts (:mod:`defectkit.serve.charts`)
 - ``GET /results/{id}/closest-good.png``: the good training patch nearest to the
   image's worst patch (from the model's memory; read from the training image,
   which must still be where the model was fitted), and
@@ -87,23 +87,34 @@ def _svg(text: str) -> Response:
     return Response(text, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
 
+def spc_state(request: Request, product: str | None) -> dict[str, Any]:
+    """The SPC state of ``product``'s charts (a unified model charts each product
+    apart), or of the results without a product."""
+    charts = request.app.state.spc.charts_of(product)
+    if charts is None:
+        raise HTTPException(404, f"no control charts for product {product!r} yet")
+    return charts.state()
+
+
 @router.get("/spc/scores.svg")
 def scores_chart(
     request: Request,
+    product: str | None = None,
     width: Annotated[int, Query(ge=200, le=4000)] = 640,
     height: Annotated[int, Query(ge=120, le=2000)] = 240,
 ) -> Response:
-    state = request.app.state.spc.state()
+    state = spc_state(request, product)
     return _svg(scores_svg(state["scores"], state["alarms"], width=width, height=height))
 
 
 @router.get("/spc/p.svg")
 def p_chart(
     request: Request,
+    product: str | None = None,
     width: Annotated[int, Query(ge=200, le=4000)] = 640,
     height: Annotated[int, Query(ge=120, le=2000)] = 240,
 ) -> Response:
-    state = request.app.state.spc.state()
+    state = spc_state(request, product)
     return _svg(p_chart_svg(state["p_chart"], width=width, height=height))
 
 

@@ -160,15 +160,32 @@ async function refreshQueue() {
 }
 
 // -- charts and alarms ---------------------------------------------------------
-async function svgInto(sel, url) {
+let modelProducts = []; // a unified model's products: each has its own charts
+
+function chartProduct() {
+  return $("#f-product").value || modelProducts[0] || "";
+}
+
+async function svgInto(sel, url, product) {
   const box = $(sel);
   const width = Math.max(320, Math.round(box.clientWidth || 640));
-  const res = await fetch(`${url}?width=${width}&height=${Math.round(width * 0.36)}`);
+  const q = new URLSearchParams({ width, height: Math.round(width * 0.36) });
+  if (product) q.set("product", product);
+  const res = await fetch(`${url}?${q}`);
   if (res.ok) box.innerHTML = await res.text();
+  else box.textContent = `no charts for ${product} yet`;
 }
 
 async function refreshSpc() {
-  const spc = await getJSON("/spc");
+  const product = chartProduct();
+  $("#spc-product").textContent = product ? `product ${product}` : "";
+  const res = await fetch("/spc" + (product ? "?product=" + encodeURIComponent(product) : ""));
+  if (!res.ok) {
+    $("#spc-count").textContent = "0";
+    $("#chart-scores").textContent = $("#chart-p").textContent = `no results of ${product} yet`;
+    return;
+  }
+  const spc = await res.json();
   const s = spc.scores;
   $("#spc-count").textContent = String(s.points.length);
   $("#spc-baseline").textContent = s.mean === null
@@ -180,7 +197,10 @@ async function refreshSpc() {
     a.result_id ? el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); openDetail(a.result_id); } },
       ` (result ${a.result_id})`) : "")));
   $("#alarm-count").textContent = String(spc.stored_alarms.length);
-  await Promise.all([svgInto("#chart-scores", "/spc/scores.svg"), svgInto("#chart-p", "/spc/p.svg")]);
+  await Promise.all([
+    svgInto("#chart-scores", "/spc/scores.svg", product),
+    svgInto("#chart-p", "/spc/p.svg", product),
+  ]);
 }
 
 // -- detail view ---------------------------------------------------------------
@@ -293,6 +313,13 @@ $("#upload-form").addEventListener("submit", async (ev) => {
 });
 
 getJSON("/model").then((m) => {
+  if (m.kind === "products") {
+    modelProducts = Object.keys(m.products);
+    fillSelect("#f-product", modelProducts);
+    $("#model-info").textContent = `model: ${m.name}, ${modelProducts.length} products (${modelProducts.join(", ")})`;
+    refreshSpc();
+    return;
+  }
   const thr = m.threshold && typeof m.threshold.value === "number" ? m.threshold.value.toPrecision(4) : "none";
   $("#model-info").textContent = `model: ${m.name} (${m.method}), threshold ${thr}`;
 }).catch(() => {});
