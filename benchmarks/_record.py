@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,24 @@ rc = subprocess.call(sys.argv[1:])
 print(f"__PEAK_RSS_KB__={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
 sys.exit(rc)
 """
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, why: Callable[[], str]) -> subprocess.Popen:
+    """Wait (up to 120 s) until the service started as ``proc`` answers
+    ``/health`` on ``port``; stop the benchmark with ``why()`` if it exits."""
+    import httpx
+
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {why()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not start in 120 s")
 
 
 def record(section: str, body: str) -> None:

@@ -55,7 +55,7 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
-from _record import REPO, git_commit, machine, publish
+from _record import REPO, git_commit, machine, publish, wait_healthy
 
 TOKEN = "bench-token"
 TOPIC = "bench/line1"
@@ -230,17 +230,7 @@ def _start_service(model: Path, data_dir: Path, port: int, broker: int) -> subpr
     log = data_dir.parent / "serve.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server did not start in 120 s")
+    return wait_healthy(proc, port, lambda: log.read_text(errors="replace")[-2000:])
 
 
 class Poster:

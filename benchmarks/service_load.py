@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _record import SHARED_DATA, git_commit, machine, publish, run_cli
+from _record import SHARED_DATA, git_commit, machine, publish, run_cli, wait_healthy
 
 TOKEN = "bench-token"
 TARGET_RATIO = 0.80
@@ -61,17 +61,7 @@ def _start(model: Path, data_dir: Path, port: int, extra: list[str]) -> subproce
     cmd = [sys.executable, "-m", "defectkit.cli", "serve", str(model), "--data-dir",
            str(data_dir), "--port", str(port), "--token", TOKEN, *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server did not start in 120 s")
+    return wait_healthy(proc, port, lambda: proc.stderr.read())
 
 
 def _load(url: str, images: list[bytes], clients: int, seconds: float):

@@ -150,9 +150,7 @@ def watch(
     import threading
     from contextlib import ExitStack
 
-    import torch
-
-    from defectkit.pipeline import load_detector, worker_pool
+    from defectkit.pipeline.scoring import stream_model
     from defectkit.serve.mqtt import Broker, MqttPublisher
     from defectkit.serve.runner import default_db_url
     from defectkit.serve.store import ResultStore
@@ -177,13 +175,7 @@ def watch(
         sys.stdout.flush()
 
     with ExitStack() as stack:
-        # the workers start first: their start-up overlaps this process's own
-        pool = stack.enter_context(worker_pool(model, None, jobs, precision=precision))
-        if pool is None:
-            torch.set_num_threads(max(1, threads))
-        det = load_detector(
-            model, "auto", precision, threads=1 if pool else max(1, threads), products=True
-        )
+        pool, det = stack.enter_context(stream_model(model, jobs, precision, threads))
         store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
         stack.callback(store.close)
         if broker is not None:

@@ -79,6 +79,28 @@ def worker_pool(
         yield pool
 
 
+@contextmanager
+def stream_model(
+    model: str | os.PathLike[str], jobs: int = 0, precision: str = "float32", threads: int = 2
+) -> Iterator[tuple[WorkerPool | None, Any]]:
+    """For a stream of images with no fixed end (the service, the hot folder): the
+    worker processes (``jobs`` processes in all, this one included; 0: one per
+    usable core), started first so that their start-up overlaps this process's
+    own, and this process's model (a detector or a unified model). Without workers
+    this process scores on ``threads`` torch threads; with them, on one."""
+    import torch
+
+    from defectkit.pipeline.loading import load_detector
+
+    with worker_pool(model, None, jobs, precision=precision) as pool:
+        if pool is None:
+            torch.set_num_threads(max(1, threads))
+        det = load_detector(
+            model, "auto", precision, threads=1 if pool else max(1, threads), products=True
+        )
+        yield pool, det
+
+
 def score_dataset(
     det: Detector,
     samples: list[Sample],

@@ -37,10 +37,9 @@ def serve(
 ) -> None:
     """``jobs``: processes scoring, this one included (0: one per usable core);
     above 1, every process scores on one torch thread and ``threads`` is unused."""
-    import torch
     import uvicorn
 
-    from defectkit.pipeline import load_detector, worker_pool
+    from defectkit.pipeline.scoring import stream_model
     from defectkit.serve.app import create_app
     from defectkit.serve.spc import SpcMonitor
     from defectkit.serve.store import ResultStore
@@ -60,13 +59,7 @@ def serve(
 
     broker = None if mqtt is None else Broker.parse(mqtt)  # checked before any work
     with ExitStack() as stack:
-        # the workers start first: their start-up overlaps this process's own
-        pool = stack.enter_context(worker_pool(model, None, jobs, precision=precision))
-        if pool is None:
-            torch.set_num_threads(max(1, threads))
-        det = load_detector(
-            model, "auto", precision, threads=1 if pool else max(1, threads), products=True
-        )
+        pool, det = stack.enter_context(stream_model(model, jobs, precision, threads))
         store = ResultStore.open(db or default_db_url(data_dir), data_dir / "blobs")
         stack.callback(store.close)
         publisher = None if broker is None else MqttPublisher(broker, store).start()

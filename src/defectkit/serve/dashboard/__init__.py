@@ -20,12 +20,12 @@ typed into the page (kept in the browser's localStorage).
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -34,7 +34,7 @@ from defectkit.errors import ImageError
 from defectkit.serve.charts import p_chart_svg, scores_svg
 from defectkit.serve.store import ResultStore, utcnow
 
-STATIC = Path(__file__).resolve().parent / "static"
+STATIC = FilePath(__file__).resolve().parent / "static"
 #: side of the patch images in the detail view, pixels
 PATCH_PX = 160
 #: the last minutes whose rate the header calls "now"
@@ -96,25 +96,18 @@ def spc_state(request: Request, product: str | None) -> dict[str, Any]:
     return charts.state()
 
 
-@router.get("/spc/scores.svg")
-def scores_chart(
+@router.get("/spc/{chart}.svg")
+def chart_svg(
     request: Request,
+    chart: Annotated[str, Path(pattern="^(scores|p)$")],
     product: str | None = None,
     width: Annotated[int, Query(ge=200, le=4000)] = 640,
     height: Annotated[int, Query(ge=120, le=2000)] = 240,
 ) -> Response:
+    """``scores``: the good parts' scores (EWMA); ``p``: the p-chart."""
     state = spc_state(request, product)
-    return _svg(scores_svg(state["scores"], state["alarms"], width=width, height=height))
-
-
-@router.get("/spc/p.svg")
-def p_chart(
-    request: Request,
-    product: str | None = None,
-    width: Annotated[int, Query(ge=200, le=4000)] = 640,
-    height: Annotated[int, Query(ge=120, le=2000)] = 240,
-) -> Response:
-    state = spc_state(request, product)
+    if chart == "scores":
+        return _svg(scores_svg(state["scores"], state["alarms"], width=width, height=height))
     return _svg(p_chart_svg(state["p_chart"], width=width, height=height))
 
 
