@@ -549,10 +549,7 @@ class Detector:
         row, col = ng.get("grid_row"), ng.get("grid_col")
         bbox = None
         if grid is not None and grid[0] > 0 and grid[1] > 0 and row is not None and col is not None:
-            sy, sx = src["height"] / grid[0], src["width"] / grid[1]
-            x0, y0 = round(col * sx), round(row * sy)
-            x1, y1 = round((col + 1) * sx), round((row + 1) * sy)
-            bbox = [x0, y0, max(1, x1 - x0), max(1, y1 - y0)]
+            bbox = grid_cell_box(row, col, grid, src["height"], src["width"])
         return {"path": src["path"], "bbox": bbox}
 
     # -- files ------------------------------------------------------------------
@@ -770,6 +767,15 @@ def _load_rescorer(part: dict[str, Any], arrays: dict[str, np.ndarray]) -> Defec
     own = {k.removeprefix(_RESCORER): v for k, v in arrays.items() if k.startswith(_RESCORER)}
     rescorer.load_learned_state(own, state)
     return rescorer
+
+
+def grid_cell_box(row: int, col: int, grid: Sequence[int], height: int, width: int) -> list[int]:
+    """The box (x, y, w, h) in an image of ``height`` x ``width`` pixels of cell
+    (``row``, ``col``) of a feature grid of ``grid`` = (rows, cols) cells over it."""
+    sy, sx = height / grid[0], width / grid[1]
+    x0, y0 = round(col * sx), round(row * sy)
+    x1, y1 = round((col + 1) * sx), round((row + 1) * sy)
+    return [x0, y0, max(1, x1 - x0), max(1, y1 - y0)]
 
 
 def load_model(path: str | Path) -> Detector | DefectClassifier:

@@ -100,6 +100,7 @@ class ProductRouter(Params):
         self.margin = margin
         self.min_limit = min_limit
         self._extractor: Any = None
+        self._nn: dict[str, Any] = {}
 
     @classmethod
     def _settings_owner(cls) -> str:
@@ -150,6 +151,7 @@ class ProductRouter(Params):
         self.products_: list[str] = []
         self.bank_: dict[str, np.ndarray] = {}
         self.limit_: dict[str, float] = {}
+        self._nn = {}
         for name, ims in images.items():
             self.add(name, ims)
         return self
@@ -159,26 +161,42 @@ class ProductRouter(Params):
         self._check()
         check_product_name(name)
         if not hasattr(self, "products_"):
-            self.products_, self.bank_, self.limit_ = [], {}, {}
+            self.products_, self.bank_, self.limit_, self._nn = [], {}, {}, {}
         if name in self.bank_:
             raise ConfigError(f"product {name!r} is already in the model")
         if not images:
             raise ConfigError(f"product {name!r}: no images")
-        bank = self.descriptors(images)
         self.products_.append(name)
-        self.bank_[name] = bank
-        self.limit_[name] = max(self.margin * _loo_radius(bank), self.min_limit)
+        self.bank_[name] = self.descriptors(images)
+        self.limit_[name] = max(self.margin * self._loo_radius(name), self.min_limit)
         return self
 
+    def _loo_radius(self, name: str) -> float:
+        """The largest distance from one of ``name``'s training images to its
+        nearest other one (with one image: a small fixed radius on the unit-length
+        descriptors)."""
+        bank = self.bank_[name]
+        if len(bank) < 2:
+            return 0.25
+        d, _ = self._search(name).search(bank, 2)  # itself first, then the nearest other
+        return float(max(d[:, 1].max(), 1e-6))
+
     # -- assigning ----------------------------------------------------------------
+    def _search(self, name: str) -> Any:
+        """Exact nearest-neighbour search over ``name``'s descriptors, built once."""
+        from defectkit.methods.parts.knn import NearestNeighbours
+
+        nn = self._nn.get(name)
+        if nn is None:
+            nn = self._nn[name] = NearestNeighbours(self.bank_[name])
+        return nn
+
     def distances(self, desc: np.ndarray) -> np.ndarray:
         """(n, products) distance of each descriptor to each product's nearest
         training image."""
         out = np.empty((len(desc), len(self.products_)), np.float64)
         for j, name in enumerate(self.products_):
-            bank = self.bank_[name]
-            d2 = (desc**2).sum(1)[:, None] - 2 * desc @ bank.T + (bank**2).sum(1)[None, :]
-            out[:, j] = np.sqrt(np.maximum(d2.min(1), 0))
+            out[:, j] = self._search(name).search(desc, 1)[0][:, 0]
         return out
 
     def assign(self, images: Sequence[Image]) -> list[Assignment]:
@@ -213,23 +231,13 @@ class ProductRouter(Params):
         names = list(state["products"])
         self.products_ = names
         self.bank_ = {}
+        self._nn = {}
         for i, n in enumerate(names):
             bank = arrays.get(f"bank.{i}")
             if bank is None or bank.ndim != 2:
                 raise ModelFileError(f"product router: descriptors of {n!r} missing or malformed")
             self.bank_[n] = bank.astype(np.float32)
         self.limit_ = {n: float(state["limits"][n]) for n in names}
-
-
-def _loo_radius(bank: np.ndarray) -> float:
-    """The largest distance from a training image to its nearest other one (with
-    one image: a small fixed radius on the unit-length descriptors)."""
-    if len(bank) < 2:
-        return 0.25
-    d2 = (bank**2).sum(1)[:, None] - 2 * bank @ bank.T + (bank**2).sum(1)[None, :]
-    np.fill_diagonal(d2, np.inf)
-    nearest = np.sqrt(np.maximum(d2.min(1), 0))
-    return float(max(nearest.max(), 1e-6))
 
 
 class ProductSet:
@@ -285,6 +293,16 @@ class ProductSet:
     def assign(self, images: Sequence[Image]) -> list[Assignment]:
         return self.router.assign(images)
 
+    @staticmethod
+    def by_product(found: Sequence[Assignment]) -> dict[str, list[int]]:
+        """Positions of the assigned images by product (unknown ones left out), in
+        order: each product's detector then scores its images as one batch."""
+        groups: dict[str, list[int]] = {}
+        for i, a in enumerate(found):
+            if a.product is not None:
+                groups.setdefault(a.product, []).append(i)
+        return groups
+
     def set_precision(self, precision: str) -> ProductSet:
         for det in self.detectors.values():
             det.set_precision(precision)
@@ -302,15 +320,12 @@ class ProductSet:
 
         found = self.assign(images)
         scores = np.full(len(images), UNKNOWN_SCORE, np.float64)
-        maps: list[np.ndarray] = [
-            np.full(np.asarray(im).shape[:2], UNKNOWN_SCORE, np.float32) for im in images
-        ]
+        maps: list[np.ndarray | None] = [None] * len(images)
         extras: list[dict[str, Any]] = [
             {"product": None, "product_confidence": a.confidence, "product_distance": a.distance}
             for a in found
         ]
-        for product in {a.product for a in found if a.product is not None}:
-            idx = [i for i, a in enumerate(found) if a.product == product]
+        for product, idx in self.by_product(found).items():
             det = self.detectors[product]
             if det.threshold is None:
                 raise ConfigError(f"product {product!r} has no threshold: calibrate it first")
@@ -320,6 +335,9 @@ class ProductSet:
                 scores[i] = float(res.scores[k]) / unit
                 maps[i] = (res.maps[k] / unit).astype(np.float32)
                 extras[i].update(res.extras[k] if res.extras else {}, product=product)
+        for i, m in enumerate(maps):
+            if m is None:  # an unknown product: rejected everywhere
+                maps[i] = np.full(np.asarray(images[i]).shape[:2], UNKNOWN_SCORE, np.float32)
         return ScoreResult(scores=scores, maps=maps, extras=extras)
 
     # -- inspect ------------------------------------------------------------------
@@ -340,14 +358,12 @@ class ProductSet:
         if not good:
             return out
         found = self.assign([items[j].image for j in good])
-        groups: dict[str, list[int]] = {}
         for j, a in zip(good, found, strict=True):
             if a.product is None:
                 out[j] = unknown_record(names[j], None, a)
-            else:
-                groups.setdefault(a.product, []).append(j)
         by_index = dict(zip(good, found, strict=True))
-        for product, idx in groups.items():
+        for product, at in self.by_product(found).items():
+            idx = [good[k] for k in at]
             recs = inspect_loaded(
                 self.detectors[product],
                 [items[j] for j in idx],

@@ -132,14 +132,13 @@ def evaluate_products(
             threshold=1.0,
         )
         figures["n_images"] = len(assigned)
+        # for a product the model never saw, every image should be answered unknown
+        figures["unknown_rate"] = sum(a is None for a in assigned) / max(1, len(assigned))
         if name in model.detectors:
             right = sum(a == name for a in assigned)
             figures["assignment_accuracy"] = right / max(1, len(assigned))
-            figures["unknown_rate"] = sum(a is None for a in assigned) / max(1, len(assigned))
             n_right += right
             n_all += len(assigned)
-        else:  # a product the model never saw: it should be answered unknown
-            figures["unknown_rate"] = sum(a is None for a in assigned) / max(1, len(assigned))
         figures["assigned_to"] = dict(Counter("unknown" if a is None else a for a in assigned))
         out["products"][name] = figures
     known = [f for n, f in out["products"].items() if n in model.detectors]

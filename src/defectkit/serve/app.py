@@ -60,6 +60,7 @@ from defectkit.products import ProductSet
 from defectkit.scale.local_pool import WorkerPool
 from defectkit.serve.batcher import Batcher, Job, QueueFull
 from defectkit.serve.dashboard import mount as mount_dashboard
+from defectkit.serve.dashboard import spc_state as charts_state
 from defectkit.serve.inspection import DB_UNAVAILABLE, Unusable, UploadScorer, store_result
 from defectkit.serve.inspection import replay as replay_results
 from defectkit.serve.spc import SpcMonitor
@@ -374,10 +375,7 @@ def create_app(
 
     @app.get("/spc")
     def spc_state(product: str | None = None) -> dict[str, Any]:
-        charts = monitor.charts_of(product)  # a unified model charts each product apart
-        if charts is None:
-            raise HTTPException(404, f"no control charts for product {product!r} yet")
-        state = charts.state()
+        state = charts_state(monitor, product)  # a unified model charts each product apart
         try:
             state["stored_alarms"] = [a.to_dict() for a in store.alarms()]
         except DB_UNAVAILABLE:  # the charts live in memory: still show them

@@ -98,15 +98,12 @@ def _inspect_products(
 ) -> list[Inspection]:
     found = det.assign(images)
     out: list[Inspection | None] = [None] * len(images)
-    groups: dict[str, list[int]] = {}
     for i, a in enumerate(found):
         if a.product is None:
             rec = unknown_record(names[i], None, a)
             rec.update(width=int(images[i].shape[1]), height=int(images[i].shape[0]))
             out[i] = Inspection(rec, images[i])
-        else:
-            groups.setdefault(a.product, []).append(i)
-    for product, idx in groups.items():
+    for product, idx in det.by_product(found).items():
         done = inspect_images(
             det.detectors[product], [images[i] for i in idx], [names[i] for i in idx]
         )

@@ -30,8 +30,10 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from defectkit.data.images import decode_image_bytes, load_image
+from defectkit.detector import grid_cell_box
 from defectkit.errors import ImageError
 from defectkit.serve.charts import p_chart_svg, scores_svg
+from defectkit.serve.spc import SpcMonitor
 from defectkit.serve.store import ResultStore, utcnow
 
 STATIC = FilePath(__file__).resolve().parent / "static"
@@ -87,10 +89,10 @@ def _svg(text: str) -> Response:
     return Response(text, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
 
-def spc_state(request: Request, product: str | None) -> dict[str, Any]:
+def spc_state(monitor: SpcMonitor, product: str | None) -> dict[str, Any]:
     """The SPC state of ``product``'s charts (a unified model charts each product
-    apart), or of the results without a product."""
-    charts = request.app.state.spc.charts_of(product)
+    apart), or of the results without a product; 404 for a product without charts."""
+    charts = monitor.charts_of(product)
     if charts is None:
         raise HTTPException(404, f"no control charts for product {product!r} yet")
     return charts.state()
@@ -105,7 +107,7 @@ def chart_svg(
     height: Annotated[int, Query(ge=120, le=2000)] = 240,
 ) -> Response:
     """``scores``: the good parts' scores (EWMA); ``p``: the p-chart."""
-    state = spc_state(request, product)
+    state = spc_state(request.app.state.spc, product)
     if chart == "scores":
         return _svg(scores_svg(state["scores"], state["alarms"], width=width, height=height))
     return _svg(p_chart_svg(state["p_chart"], width=width, height=height))
@@ -167,9 +169,7 @@ def worst_patch(request: Request, result_id: int) -> Response:
     store = _store(request)
     data = store.blobs.get(row.image_sha256, row.image_ext)
     image = decode_image_bytes(data, f"result {result_id}")
-    sy, sx = image.shape[0] / grid[0], image.shape[1] / grid[1]
-    x0, y0 = round(cell[1] * sx), round(cell[0] * sy)
-    bbox = [x0, y0, max(1, round((cell[1] + 1) * sx) - x0), max(1, round((cell[0] + 1) * sy) - y0)]
+    bbox = grid_cell_box(cell[0], cell[1], grid, image.shape[0], image.shape[1])
     return Response(patch_png(image, bbox), media_type="image/png")
 
 
