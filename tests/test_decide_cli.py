@@ -195,8 +195,10 @@ def test_a_model_without_pixel_threshold_cuts_regions_at_the_image_threshold(
     info = dict(mf.info)
     del info["pixel_threshold"]
     # a file from before pixel thresholds also predates PatchCore's whole-image
-    # score: its image score is the map maximum, its threshold on that scale
-    arrays = {k: v for k, v in mf.arrays.items() if not k.startswith("method.global_")}
+    # score and reference pool: its image score is the map maximum, its threshold
+    # on that scale
+    old_parts = ("method.global_", "method.ref_")
+    arrays = {k: v for k, v in mf.arrays.items() if not k.startswith(old_parts)}
     info["state"] = {k: v for k, v in info["state"].items() if k not in ("global_ref", "local_ref")}
     info["params"] = {**info["params"], "global_weight": 0.0}
     old = write_model(tmp_path / "old.dkm", ModelFile(info=info, arrays=arrays))

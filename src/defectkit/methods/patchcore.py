@@ -50,6 +50,12 @@ _MASK_SIGMA = 4.0
 _SEARCH_CHECK = 2048
 #: HNSW recall below which ``nn_search="auto"`` searches exactly
 _MIN_RECALL = 0.99
+#: training images (evenly spaced) whose leave-one-out peaks are the reference pool
+_REF_POOL = 200
+#: fewer training images than this: no reference pool (the peak is used as it is)
+_REF_MIN = 20
+#: bank neighbours searched for the nearest patch from another training image
+_LEFT_OUT_K = 16
 
 
 def _floored_std(std: np.ndarray) -> np.ndarray:
@@ -73,6 +79,20 @@ class PatchCore(AnomalyModel):
     mvtec-bottle, visa-fryum, aitex, casting; figures on each test set, so
     optimistic). Image AUROC / pixel AUROC / AUPRO:
 
+    - The patch score is read against a reference pool (``reference_k=5``): the
+      image's peak is multiplied by the median leave-one-out peak of up to 200
+      training images over that of its 5 most similar ones (whole-image
+      descriptor). Good parts of a rougher kind in the same set (aitex's two
+      fabrics, magnetic-tile crops, castings at several scales) no longer outrank
+      defects on a smoother kind. Image AUROC 0.971 / 1.000 / 0.972 / 0.887 /
+      0.999, mean 0.966, against 0.965 / 1.000 / 0.970 / 0.847 / 0.997, mean
+      0.956 without it; left out one set at a time the other four choose it every
+      time. Maps are unchanged (it scales the image score only, so with it an
+      image's score can be below its map's peak). Off with a context scale and
+      below 20 training images (few-shot fits are unchanged); costs one more
+      scoring pass over the pool at fit (magnetic-tile 54 s against 39 s).
+      5 neighbours against 3 or 7 (one fit per set, all training images in the
+      pool): mean image AUROC 0.968 against 0.968 and 0.967.
     - The working geometry comes from the training images (``keep_aspect="auto"``):
       images of one shape keep it (visa-fryum 3:2, aitex 2:1), mixed crops are
       squashed to a square (magnetic-tile), square sets are unchanged. With the
@@ -168,6 +188,7 @@ class PatchCore(AnomalyModel):
         max_fit_patches: int = 1_000_000,
         nn_search: str = "auto",
         global_weight: float = 1.0,
+        reference_k: int = 5,
         sigma: float = 12.0,
         context_size: int = 0,
         context_layers: list[str] | None = None,
@@ -191,6 +212,7 @@ class PatchCore(AnomalyModel):
         self.max_fit_patches = max_fit_patches
         self.nn_search = nn_search
         self.global_weight = global_weight
+        self.reference_k = reference_k
         self.sigma = sigma
         self.context_size = context_size
         self.context_layers = context_layers
@@ -203,6 +225,7 @@ class PatchCore(AnomalyModel):
         self._index: NearestNeighbours | None = None
         self._context_index: NearestNeighbours | None = None
         self._global_index: NearestNeighbours | None = None
+        self._ref_index: NearestNeighbours | None = None
         # where the context bank's patches came from: held after fit for
         # score_left_out, not stored in model files
         self._context_origin: np.ndarray | None = None
@@ -217,6 +240,8 @@ class PatchCore(AnomalyModel):
             raise ConfigError(f"keep_aspect must be true, false or auto, got {self.keep_aspect!r}")
         if self.global_weight < 0:
             raise ConfigError(f"global_weight must be >= 0, got {self.global_weight}")
+        if not isinstance(self.reference_k, int) or self.reference_k < 0:
+            raise ConfigError(f"reference_k must be an integer >= 0, got {self.reference_k!r}")
         if self.nn_search not in ("auto", "exact", "hnsw"):
             raise ConfigError(
                 f"nn_search must be 'auto', 'exact' or 'hnsw', got {self.nn_search!r}"
@@ -550,11 +575,27 @@ class PatchCore(AnomalyModel):
         self.global_ref_ = 0.0
         self.local_ref_ = 0.0
         self.map_refs_ = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
+        self.ref_bank_ = np.zeros((0, self.global_bank_.shape[1]), np.float32)
+        self.ref_peaks_ = np.zeros(0, np.float32)
+        self.ref_images_ = np.zeros(0, np.int64)
+        self._ref_index = None
+        n = len(images)
         global_on = self.global_weight > 0 and len(descriptors) >= 3
+        refs_on = self.reference_k > 0 and not self.context_size and n >= _REF_MIN
+        if refs_on:
+            pool = np.unique(np.linspace(0, n - 1, min(n, _REF_POOL)).round().astype(np.int64))
+            plain, left = self._reference_peaks(take(images, pool), pool)
+            self.ref_bank_, self.ref_images_ = self.global_bank_[pool], pool
+            self.ref_peaks_ = left.astype(np.float32)
+            if global_on:
+                d, _ = self._global_nn().search(self.global_bank_, 2)
+                self.global_ref_ = float(np.median(d[:, 1])) or 1.0
+                self.local_ref_ = float(np.median(plain)) or 1.0
+            return
         if not (global_on or self.context_size):
             return
-        step = max(1, len(images) // 100)
-        sample = take(images, range(0, len(images), step))
+        step = max(1, n // 100)
+        sample = take(images, range(0, n, step))
         fine, context, _, _ = self._raw_maps(sample)
         if self.context_size:
             refs = []
@@ -569,6 +610,46 @@ class PatchCore(AnomalyModel):
         self.global_ref_ = float(np.median(d[:, 1])) or 1.0
         local = [float(m.max()) for m in (context if self.context_size else fine)]
         self.local_ref_ = float(np.median(local)) or 1.0
+
+    def _reference_peaks(
+        self, images: Sequence[Image], sources: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fine-map peaks of training images ``images`` (training indices
+        ``sources``) scored as fitted, and left out: each patch's nearest bank patch
+        from another training image (exact search where the bank's nearest
+        :data:`_LEFT_OUT_K` are all its own)."""
+        shapes = image_shapes(images)
+        nn_index, origin = self._nn(), self.bank_origin_[:, 0]
+        plain = np.empty(len(images), np.float32)
+        left = np.empty(len(images), np.float32)
+        for i, e in self._iter_embeddings(images, None, "reference"):
+            h, w, dim = e.shape
+            q = e.reshape(-1, dim)
+            dist, idx = nn_index.search(q, _LEFT_OUT_K)
+            own = (idx < 0) | (origin[np.maximum(idx, 0)] == sources[i])
+            best = np.where(own, np.inf, dist).min(1)
+            missing = ~np.isfinite(best)
+            keep = origin != sources[i]
+            if missing.any() and keep.any():
+                sub = NearestNeighbours(self.memory_bank_[keep])
+                best[missing] = sub.search(q[missing], 1)[0][:, 0]
+            best = np.where(np.isfinite(best), best, dist[:, 0])
+            plain[i] = upsample_map(dist[:, 0].reshape(h, w), shapes[i], self.sigma).max()
+            left[i] = upsample_map(best.reshape(h, w), shapes[i], self.sigma).max()
+        return plain, left
+
+    def _reference_factors(self, descriptors: list[np.ndarray]) -> np.ndarray | None:
+        """Per image: the pool's median leave-one-out peak over the median peak of
+        its ``reference_k`` most similar pool images; None without a pool."""
+        if self.reference_k <= 0 or self.context_size or len(self.ref_peaks_) == 0:
+            return None
+        if self._ref_index is None:
+            self._ref_index = NearestNeighbours(self.ref_bank_)
+        g = (np.stack(descriptors) - self.global_mean_) / self.global_std_
+        _, near = self._ref_index.search(g.astype(np.float32), self.reference_k)
+        typical = np.median(self.ref_peaks_[near], axis=1)
+        level = float(np.median(self.ref_peaks_))
+        return (level / np.maximum(typical, 1e-6 * max(level, 1e-12))).astype(np.float32)
 
     def _choose_search(self, queries: np.ndarray) -> tuple[str, float | None]:
         """(search, HNSW recall on ``queries``): with ``nn_search="auto"``, HNSW
@@ -634,7 +715,10 @@ class PatchCore(AnomalyModel):
         return self._global_index
 
     def score(self, images: Sequence[Image], progress: Progress | None = None) -> ScoreResult:
-        """Image scores and maps. With a context scale, the image score is the
+        """Image scores and maps. Without a context scale, the image score is the
+        map's peak times the reference pool's factor (``extras["reference_factor"]``;
+        1 without a pool, and then never below the peak) plus the whole-image
+        evidence. With a context scale, the image score is the
         context map's maximum plus the whole-image evidence, or the fine map's
         maximum in the context map's units where that is higher; the map blends
         both scales: ``(1 - context_map_weight)`` of the fine map, in the context
@@ -651,6 +735,11 @@ class PatchCore(AnomalyModel):
         else:
             maps = fine
             local = np.array([f.max() for f in fine], dtype=np.float32)
+        factors = self._reference_factors(descriptors)
+        if factors is not None:
+            local = (local * factors).astype(np.float32)
+            for i, f in enumerate(factors):
+                extras[i]["reference_factor"] = round(float(f), 4)
         scores = local
         if self.global_weight > 0 and self.global_ref_ > 0:
             g = (np.stack(descriptors) - self.global_mean_) / self.global_std_
@@ -660,12 +749,13 @@ class PatchCore(AnomalyModel):
                 extras[i]["global_distance"] = round(float(gd[i, 0] / self.global_ref_), 4)
             # in map units: the patch score plus the whole-image evidence
             scores = (local + bonus).astype(np.float32)
-        # never below the fine scale's peak either (a small defect that the context
-        # scale's 128 px cannot see), nor the map's, so no region tops its image
-        peaks = [m.max() for m in maps]
-        if self.context_size:
-            peaks = [max(p, f.max()) for p, f in zip(peaks, fine, strict=True)]
-        scores = np.maximum(scores, np.array(peaks)).astype(np.float32)
+        if factors is None:
+            # never below the fine scale's peak either (a small defect that the context
+            # scale's 128 px cannot see), nor the map's, so no region tops its image
+            peaks = [m.max() for m in maps]
+            if self.context_size:
+                peaks = [max(p, f.max()) for p, f in zip(peaks, fine, strict=True)]
+            scores = np.maximum(scores, np.array(peaks)).astype(np.float32)
         maps = [m.astype(np.float32, copy=False) for m in maps]
         return ScoreResult(scores=scores, maps=maps, extras=extras)
 
@@ -698,8 +788,10 @@ class PatchCore(AnomalyModel):
         saved = (
             self.memory_bank_, self.bank_origin_, self.context_bank_, self.global_bank_,
             self._index, self._context_index, self._global_index,
+            self.ref_bank_, self.ref_peaks_, self._ref_index,
         )  # fmt: skip
         bank, origin, context, global_bank = saved[:4]
+        ref_bank, ref_peaks = saved[7:9]
         done = 0
         try:
             for src in np.unique(sources):
@@ -721,6 +813,9 @@ class PatchCore(AnomalyModel):
                     self._context_index = NearestNeighbours(self.context_bank_)
                 self.global_bank_ = np.delete(global_bank, src, axis=0)
                 self._global_index = None
+                rkeep = self.ref_images_ != src
+                self.ref_bank_, self.ref_peaks_ = ref_bank[rkeep], ref_peaks[rkeep]
+                self._ref_index = None
                 rows = np.flatnonzero(sources == src)
                 res = self.score([queries[j][1] for j in rows])
                 for r, j in enumerate(rows):
@@ -732,6 +827,7 @@ class PatchCore(AnomalyModel):
             (
                 self.memory_bank_, self.bank_origin_, self.context_bank_, self.global_bank_,
                 self._index, self._context_index, self._global_index,
+                self.ref_bank_, self.ref_peaks_, self._ref_index,
             ) = saved  # fmt: skip
         return ScoreResult(scores=scores, maps=maps, extras=extras)
 
@@ -810,6 +906,9 @@ class PatchCore(AnomalyModel):
             "global_mean": self.global_mean_,
             "global_std": self.global_std_,
             "map_refs": self.map_refs_,
+            "ref_bank": self.ref_bank_,
+            "ref_peaks": self.ref_peaks_,
+            "ref_images": self.ref_images_,
         }
         if self.context_bank_ is not None:
             arrays["context_bank"] = self.context_bank_
@@ -922,6 +1021,19 @@ class PatchCore(AnomalyModel):
         self.global_bank_, self.global_mean_, self.global_std_ = gb, gm, gs
         self.global_ref_ = float(info.get("global_ref", 0.0))
         self.local_ref_ = float(info.get("local_ref", 0.0))
+        # files written before the reference pool existed have none: peaks as they are
+        rb = arrays.get("ref_bank", np.zeros((0, gb.shape[1]), np.float32))
+        rp = arrays.get("ref_peaks", np.zeros(0, np.float32))
+        ri = arrays.get("ref_images", np.zeros(0, np.int64))
+        shapes_ok = rb.ndim == 2 and rb.shape[1] == gb.shape[1] and rp.shape == ri.shape
+        if not shapes_ok or rp.shape != (len(rb),):
+            raise ModelFileError("patchcore model: reference pool arrays malformed")
+        if not (np.all(np.isfinite(rb)) and np.all(np.isfinite(rp)) and np.all(rp >= 0)):
+            raise ModelFileError("patchcore model: reference pool arrays hold bad values")
+        self.ref_bank_ = rb.astype(np.float32)
+        self.ref_peaks_ = rp.astype(np.float32)
+        self.ref_images_ = ri.astype(np.int64)
+        self._ref_index = None
 
 
 def _loaded_mask_head(arrays: dict[str, np.ndarray], part: Any) -> tuple[MaskHead | None, float]:
