@@ -4,6 +4,7 @@ kept copies; the bound it states counts images, not copies."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from defectkit.cli import app
+from defectkit.decide import few_shot
 from defectkit.decide.calibration import calibration_warning
 from defectkit.decide.few_shot import AUGMENTATIONS, left_out_scores
 from defectkit.detector import Detector
@@ -143,6 +145,37 @@ def test_copies_the_part_does_not_allow_are_left_out() -> None:
     assert "mirror-ud" in found.kept
     assert found.medians["mirror-lr"] > found.plain.max()
     assert len(found.scores) == 6 * (1 + len(found.kept)) == len(found.maps)
+
+
+def test_few_shot_maps_go_to_disk_above_the_memory_budget(
+    surface_set: dict[str, list[np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every image's and copy's map is held for the pixel threshold: above
+    ``map_memory`` they are written to a temporary folder, with the same thresholds,
+    and the folder is gone afterwards."""
+    images = surface_set["train"][:6]
+    in_memory = Detector.fit(images, "patchcore", FAST)
+    saved: list[int] = []
+    append = few_shot.SavedMaps.append
+
+    def counting(self: few_shot.SavedMaps, amap: np.ndarray) -> None:
+        saved.append(amap.size)
+        append(self, amap)
+
+    monkeypatch.setattr(few_shot.SavedMaps, "append", counting)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    on_disk = Detector.fit(images, "patchcore", FAST, map_memory=0)
+    assert len(saved) == 6 * (1 + len(AUGMENTATIONS))  # every image and copy
+    assert on_disk.threshold == in_memory.threshold
+    assert on_disk.pixel_threshold == in_memory.pixel_threshold
+    assert on_disk.info["few_shot"] == in_memory.info["few_shot"]
+    assert list(scratch.iterdir()) == []
+    # under the budget nothing is written
+    saved.clear()
+    Detector.fit(images, "patchcore", FAST)
+    assert saved == []
 
 
 def test_model_file_keeps_the_few_shot_calibration(

@@ -276,7 +276,7 @@ class Detector:
             )
         if few_shot:
             det._calibrate_left_out(
-                fit_set, false_alarm_rate, max_false_regions, min_region_area, progress
+                fit_set, false_alarm_rate, max_false_regions, min_region_area, map_memory, progress
             )
         if cal_set:
             cal_scores = det._calibrate(
@@ -392,14 +392,19 @@ class Detector:
         false_alarm_rate: float,
         max_false_regions: float,
         min_region_area: int,
+        map_memory: int,
         progress: Progress | None,
     ) -> None:
         """Few-shot thresholds from the fitted ``images`` themselves, each scored as
-        if left out, and their kept copies (:mod:`defectkit.decide.few_shot`)."""
-        found = left_out_scores(self.model, images, progress)
-        threshold = self._set_thresholds(
-            found.scores, found.maps, false_alarm_rate, max_false_regions, min_region_area
-        )
+        if left out, and their kept copies (:mod:`defectkit.decide.few_shot`); their
+        maps on disk above ``map_memory`` bytes."""
+        with ExitStack() as stack:
+            found = left_out_scores(
+                self.model, images, progress, map_memory=map_memory, stack=stack
+            )
+            threshold = self._set_thresholds(
+                found.scores, found.maps, false_alarm_rate, max_false_regions, min_region_area
+            )
         counted_by_images(threshold, found)
         self.info["calibration_scores"] = rounded_scores(found.plain)
         self.info["few_shot"] = found.summary()

@@ -26,13 +26,17 @@ copies are used; the bound says that nothing is certified.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from defectkit.data.files import image_shapes
 from defectkit.decide.calibration import Threshold, clopper_pearson_upper, rounded_scores
+from defectkit.decide.map_store import SavedMaps
 from defectkit.methods.base import AnomalyModel, Image, Progress
 
 
@@ -66,7 +70,7 @@ class LeftOutScores:
 
     n_images: int
     scores: np.ndarray
-    maps: list[np.ndarray]
+    maps: Sequence[np.ndarray]
     kept: list[str] = field(default_factory=list)
     #: every copy's score per kind (kept or not), in image order
     copies: dict[str, list[float]] = field(default_factory=dict)
@@ -92,21 +96,49 @@ class LeftOutScores:
 
 
 def left_out_scores(
-    model: AnomalyModel, images: Sequence[Image], progress: Progress | None = None
+    model: AnomalyModel,
+    images: Sequence[Image],
+    progress: Progress | None = None,
+    *,
+    map_memory: int | None = None,
+    stack: ExitStack | None = None,
 ) -> LeftOutScores:
-    """Leave-one-out scores of the fitted ``images`` and of their kept copies."""
+    """Leave-one-out scores of the fitted ``images`` and of their kept copies.
+
+    One image and its copies are scored at a time, so only one image's copies are
+    ever held. Their maps (one per image and copy, H x W x 4 bytes each) stay in
+    memory up to ``map_memory`` bytes; above it, and given a ``stack``, they go to
+    a temporary folder removed when ``stack`` closes (same values, read back when
+    the pixel threshold counts regions): 63 images of 900 x 900 px and six kinds
+    of copy are 1.4 GB of maps.
+    """
     n = len(images)
     kinds = [name for name, (_, single) in AUGMENTATIONS.items() if n >= 2 or single]
-    copies = [(i, AUGMENTATIONS[name][0](images[i])) for name in kinds for i in range(n)]
-    if n >= 2:
-        res = model.score_left_out(images, list(enumerate(images)) + copies, progress)
-        first = n
-    else:  # nothing to leave out: the copies against the image itself (optimistic)
-        res = model.score([im for _, im in copies], progress=progress)
-        first = 0
-    all_scores = np.asarray(res.scores, np.float64)
+    shapes = image_shapes(images)
+    per_query = (1 + len(kinds)) if n >= 2 else len(kinds)
+    total = per_query * sum(h * w * 4 for h, w in shapes)
+    sink: list[np.ndarray] | SavedMaps = []
+    if stack is not None and map_memory is not None and total > map_memory:
+        sink = SavedMaps(stack.enter_context(tempfile.TemporaryDirectory(prefix="defectkit-")))
+    first = n if n >= 2 else 0
+    all_scores = np.empty(first + len(kinds) * n, np.float64)
+    where = np.empty(len(all_scores), np.int64)  # each query's map in ``sink``
+    for i in range(n):
+        image = images[i]
+        copies = [AUGMENTATIONS[name][0](image) for name in kinds]
+        if n >= 2:
+            res = model.score_left_out(images, [(i, im) for im in [image, *copies]])
+            positions = [i] + [first + k * n + i for k in range(len(kinds))]
+        else:  # nothing to leave out: the copies against the image itself (optimistic)
+            res = model.score(copies)
+            positions = [k * n + i for k in range(len(kinds))]
+        for pos, score, amap in zip(positions, res.scores, res.maps, strict=True):
+            all_scores[pos], where[pos] = score, len(sink)
+            sink.append(amap)
+        if progress is not None:
+            progress("leave-one-out", i + 1, n)
     plain = all_scores[:first]
-    scores, maps = [plain], list(res.maps[:first])
+    chosen = list(range(first))
     kept: list[str] = []
     by_kind: dict[str, list[float]] = {}
     for k, name in enumerate(kinds):
@@ -115,9 +147,26 @@ def left_out_scores(
         if n >= 2 and np.median(all_scores[part]) > plain.max():
             continue
         kept.append(name)
-        scores.append(all_scores[part])
-        maps += list(res.maps[part])
-    return LeftOutScores(n, np.concatenate(scores), maps, kept, by_kind)
+        chosen += range(part.start, part.stop)
+    maps = _Picked(sink, where[chosen].tolist())
+    return LeftOutScores(n, all_scores[chosen], maps, kept, by_kind)
+
+
+class _Picked(Sequence[np.ndarray]):
+    """The maps at ``indices`` of ``maps``, without copying them."""
+
+    def __init__(self, maps: Sequence[np.ndarray], indices: list[int]) -> None:
+        self._maps, self._indices = maps, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return self._maps[self._indices[index]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in self._indices:
+            yield self._maps[i]
 
 
 def counted_by_images(thr: Threshold, found: LeftOutScores) -> Threshold:
