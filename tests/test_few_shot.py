@@ -189,6 +189,8 @@ def test_model_file_keeps_the_few_shot_calibration(
     # calibrating on held-out good images later replaces the few-shot threshold
     back.calibrate(surface_set["good"])
     assert not back.threshold.left_out and back.threshold.n_good == 6
+    assert "few_shot" not in back.info  # it no longer says how the threshold was set
+    assert "few_shot" not in Detector.load(back.save(tmp_path / "m2.dkm")).info
 
 
 def test_cli_fit_on_a_handful_says_so(
@@ -213,3 +215,25 @@ def test_cli_fit_on_a_handful_says_so(
     assert "few-shot" not in said and "on 5 good images" in said and "threshold" not in said
     res = CliRunner().invoke(app, [*args, "--few-shot-below", "-1"])
     assert res.exit_code == 2
+
+
+def test_cli_calibrate_replaces_the_few_shot_calibration(
+    surface_set: dict[str, list[np.ndarray]], tmp_path: Path
+) -> None:
+    """The documented next step: once good parts accumulate, `defectkit calibrate`
+    sets the threshold on them, and the model no longer describes the few-shot one."""
+    folders = {"fit": surface_set["train"][:5], "more": surface_set["good"]}
+    for name, images in folders.items():
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(images):
+            cv2.imwrite(str(tmp_path / name / f"{i}.png"), im[:, :, ::-1])
+    out = tmp_path / "m.dkm"
+    fit = ["fit", str(tmp_path / "fit"), "--out", str(out), "-q", "-p", "image_size=64"]
+    assert CliRunner().invoke(app, fit).exit_code == 0
+    assert "few_shot" in Detector.load(out).info
+    target = ["--target", "false-alarm-rate=0.01", "-q"]
+    res = CliRunner().invoke(app, ["calibrate", str(out), str(tmp_path / "more"), *target])
+    assert res.exit_code == 0, res.output
+    det = Detector.load(out)
+    assert "few_shot" not in det.info
+    assert not det.threshold.left_out and det.threshold.n_good == len(surface_set["good"])

@@ -334,7 +334,8 @@ class Detector:
         for at most ``max_false_regions`` regions (of ``min_region_area`` px or
         more, default the detector's) per good image, from ``good_images`` (not
         fitted on) scored as :meth:`score` scores (tile by tile for a tiled model);
-        returns ``self``. :meth:`fit` calibrates the same way."""
+        returns ``self``. :meth:`fit` calibrates the same way; a few-shot fit's
+        ``info["few_shot"]`` goes, its thresholds replaced."""
         if self.rescorer is not None:
             raise ConfigError(
                 "a detector with a re-scorer is calibrated with its labelled defects: "
@@ -348,6 +349,8 @@ class Detector:
             map_memory,
             progress,
         )
+        # a few-shot fit's leave-one-out calibration no longer sets the thresholds
+        self.info.pop("few_shot", None)
         return self
 
     def _calibrate(
@@ -693,6 +696,10 @@ class Detector:
             None if self.pixel_threshold is None else self.pixel_threshold.to_dict()
         )
         prov = dict(info.get("provenance") or {})
+        if file_threshold is None or not file_threshold.left_out:
+            # a few-shot fit's leave-one-out calibration no longer sets the thresholds
+            prov.pop("few_shot", None)
+            self.info.pop("few_shot", None)
         history = list(prov.get("calibrations") or [])
         history.append({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **note})
         prov["calibrations"] = history
