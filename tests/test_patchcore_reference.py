@@ -126,3 +126,32 @@ def test_the_pool_travels_in_the_model_file_and_old_files_go_without(
         broken.load_learned_state({**arrays, "ref_peaks": arrays["ref_peaks"][:3]}, info)
     with pytest.raises(ConfigError, match="reference_k must be an integer >= 0"):
         PatchCore(reference_k=-1)._validate()
+
+
+def test_whole_image_distance_is_read_against_the_pool_too(
+    two_kinds: dict[str, list[np.ndarray]],
+) -> None:
+    """With ``reference_global`` the whole-image distance is divided by the typical
+    distance between the most similar training images and their nearest others
+    (to that power): the same fit, only the image score's second term changes."""
+    # min_bank 0: a real coreset, so training peaks (the term's scale) are not 0
+    settings = {**FAST, "min_bank": 0}
+    train = two_kinds["train"]
+    model = PatchCore(**settings, reference_global=1.0).fit(train)
+    # each pool image's distance to its nearest other training image
+    d = np.linalg.norm(model.global_bank_[:, None] - model.global_bank_[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(model.ref_spread_, d.min(1)[model.ref_images_], rtol=1e-4)
+    images = two_kinds["smooth"] + two_kinds["rough"] + two_kinds["bad"]
+    got = model.score(images)
+    # a scoring setting: the fitted pool serves any power
+    base = model.set_params(reference_global=0.0).score(images)
+    model.set_params(reference_global=1.0)
+    descriptors = [model._descriptor(e) for _, e in model._iter_embeddings(images, None, "t")]
+    local, spread = model._reference_factors(descriptors)
+    bonus = base.scores - np.array([m.max() for m in base.maps]) * local
+    np.testing.assert_allclose(got.scores - base.scores, bonus * (spread - 1), rtol=1e-3, atol=1e-3)
+    # the rough kind's images lie further apart: its distances are read down
+    assert spread[6:12].max() < 1.0 < spread[:6].min()
+    for a, b in zip(got.maps, base.maps, strict=True):
+        np.testing.assert_array_equal(a, b)
