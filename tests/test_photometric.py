@@ -15,7 +15,10 @@ from defectkit.methods.parts.photometric import TARGET_MEAN, TARGET_STD, standar
 from defectkit.methods.parts.resize import to_tensor
 from defectkit.methods.patchcore import PatchCore
 
-FAST = {"image_size": 96, "coreset_ratio": 0.1, "context_size": 0}  # one scale: isolates the step
+# one scale and the peak as it is (no reference pool): isolates the photometric step.
+# The pool reads a relit image's whole-image distance against the training images
+# it resembles, so without the step its score moves less (2.0% against 2.5% here)
+FAST = {"image_size": 96, "coreset_ratio": 0.1, "context_size": 0, "reference_k": 0}
 SMALL: dict[type[AnomalyModel], dict[str, object]] = {
     PatchCore: FAST,
     PaDiM: {"image_size": 96, "context_size": 64},
