@@ -148,7 +148,8 @@ def test_whole_image_distance_is_read_against_the_pool_too(
     base = model.set_params(reference_global=0.0).score(images)
     model.set_params(reference_global=1.0)
     descriptors = [model._descriptor(e) for _, e in model._iter_embeddings(images, None, "t")]
-    local, spread = model._reference_factors(descriptors)
+    g = (np.stack(descriptors) - model.global_mean_) / model.global_std_
+    local, spread = model._reference_factors(g.astype(np.float32))
     bonus = base.scores - np.array([m.max() for m in base.maps]) * local
     np.testing.assert_allclose(got.scores - base.scores, bonus * (spread - 1), rtol=1e-3, atol=1e-3)
     # the rough kind's images lie further apart: its distances are read down

@@ -252,10 +252,11 @@ class ProductSet:
         self.detectors = dict(detectors)
         self.router = router
         self.info = dict(info or {})
-        if list(self.detectors) != list(router.products_):
+        routed = list(getattr(router, "products_", []))  # none before the first add
+        if list(self.detectors) != routed:
             raise ConfigError(
                 f"products of the detectors {list(self.detectors)} and of the router "
-                f"{router.products_} differ"
+                f"{routed} differ"
             )
 
     @property

@@ -600,35 +600,31 @@ class PatchCore(AnomalyModel):
         n = len(images)
         global_on = self.global_weight > 0 and len(descriptors) >= 3
         refs_on = self.reference_k > 0 and not self.context_size and n >= _REF_MIN
+        if not (global_on or refs_on or self.context_size):
+            return
+        if global_on or refs_on:
+            # each training image's descriptor distance to its nearest other image
+            others = self._global_nn().search(self.global_bank_, 2)[0][:, 1]
         if refs_on:
             pool = np.unique(np.linspace(0, n - 1, min(n, _REF_POOL)).round().astype(np.int64))
-            plain, left = self._reference_peaks(take(images, pool), pool)
+            local, left = self._reference_peaks(take(images, pool), pool)
             self.ref_bank_, self.ref_images_ = self.global_bank_[pool], pool
             self.ref_peaks_ = left.astype(np.float32)
-            d, _ = self._global_nn().search(self.global_bank_, 2)
-            self.ref_spread_ = d[pool, 1].astype(np.float32)
-            if global_on:
-                self.global_ref_ = float(np.median(d[:, 1])) or 1.0
-                self.local_ref_ = float(np.median(plain)) or 1.0
-            return
-        if not (global_on or self.context_size):
-            return
-        step = max(1, n // 100)
-        sample = take(images, range(0, n, step))
-        fine, context, _, _ = self._raw_maps(sample)
-        if self.context_size:
-            refs = []
-            for maps in (fine, context):
-                values = np.concatenate([m.ravel()[:: max(1, m.size // 4096)] for m in maps])
-                level = float(np.median(values))
-                refs += [level, float(np.percentile(values, 99)) - level or 1.0]
-            self.map_refs_ = np.array(refs, np.float32)
-        if not global_on:
-            return
-        d, _ = self._global_nn().search(self.global_bank_, 2)
-        self.global_ref_ = float(np.median(d[:, 1])) or 1.0
-        local = [float(m.max()) for m in (context if self.context_size else fine)]
-        self.local_ref_ = float(np.median(local)) or 1.0
+            self.ref_spread_ = others[pool].astype(np.float32)
+        else:
+            step = max(1, n // 100)
+            fine, context, _, _ = self._raw_maps(take(images, range(0, n, step)))
+            if self.context_size:
+                refs = []
+                for maps in (fine, context):
+                    values = np.concatenate([m.ravel()[:: max(1, m.size // 4096)] for m in maps])
+                    level = float(np.median(values))
+                    refs += [level, float(np.percentile(values, 99)) - level or 1.0]
+                self.map_refs_ = np.array(refs, np.float32)
+            local = np.array([float(m.max()) for m in (context if self.context_size else fine)])
+        if global_on:
+            self.global_ref_ = float(np.median(others)) or 1.0
+            self.local_ref_ = float(np.median(local)) or 1.0
 
     def _reference_peaks(
         self, images: Sequence[Image], sources: np.ndarray
@@ -657,26 +653,24 @@ class PatchCore(AnomalyModel):
             left[i] = upsample_map(best.reshape(h, w), shapes[i], self.sigma).max()
         return plain, left
 
-    def _reference_factors(
-        self, descriptors: list[np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    def _reference_factors(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Per image, the factors on its patch peak and on its whole-image distance;
         None without a pool. The first is the pool's median leave-one-out peak over
         the median peak of the image's ``reference_k`` most similar pool images; the
         second, to the power ``reference_global``, the pool's median distance from
         an image to its nearest other training image over those images' median
-        (floored at half the pool's: duplicated training images are 0 apart)."""
+        (floored at half the pool's: duplicated training images are 0 apart).
+        ``g``: the images' standardised descriptors."""
         if self.reference_k <= 0 or self.context_size or len(self.ref_peaks_) == 0:
             return None
         if self._ref_index is None:
             self._ref_index = NearestNeighbours(self.ref_bank_)
-        g = (np.stack(descriptors) - self.global_mean_) / self.global_std_
-        _, near = self._ref_index.search(g.astype(np.float32), self.reference_k)
+        _, near = self._ref_index.search(g, self.reference_k)
         typical = np.median(self.ref_peaks_[near], axis=1)
         level = float(np.median(self.ref_peaks_))
         local = level / np.maximum(typical, 1e-6 * max(level, 1e-12))
         spread = np.ones(len(g))
-        if self.reference_global > 0 and len(self.ref_spread_):
+        if self.reference_global > 0:
             pool = float(np.median(self.ref_spread_))
             if pool > 0:
                 own = np.maximum(np.median(self.ref_spread_[near], axis=1), 0.5 * pool)
@@ -767,15 +761,16 @@ class PatchCore(AnomalyModel):
         else:
             maps = fine
             local = np.array([f.max() for f in fine], dtype=np.float32)
-        factors = self._reference_factors(descriptors)
+        # standardised whole-image descriptors: for the pool and the whole-image term
+        g = ((np.stack(descriptors) - self.global_mean_) / self.global_std_).astype(np.float32)
+        factors = self._reference_factors(g)
         if factors is not None:
             local = (local * factors[0]).astype(np.float32)
             for i, f in enumerate(factors[0]):
                 extras[i]["reference_factor"] = round(float(f), 4)
         scores = local
         if self.global_weight > 0 and self.global_ref_ > 0:
-            g = (np.stack(descriptors) - self.global_mean_) / self.global_std_
-            gd, _ = self._global_nn().search(g.astype(np.float32), 1)
+            gd, _ = self._global_nn().search(g, 1)
             bonus = self.global_weight * self.local_ref_ * gd[:, 0] / self.global_ref_
             if factors is not None and self.reference_global > 0:
                 bonus = bonus * factors[1]
@@ -849,7 +844,7 @@ class PatchCore(AnomalyModel):
                 self._global_index = None
                 rkeep = self.ref_images_ != src
                 self.ref_bank_, self.ref_peaks_ = ref_bank[rkeep], ref_peaks[rkeep]
-                self.ref_spread_ = ref_spread[rkeep] if len(ref_spread) else ref_spread
+                self.ref_spread_ = ref_spread[rkeep]
                 self._ref_index = None
                 rows = np.flatnonzero(sources == src)
                 res = self.score([queries[j][1] for j in rows])
@@ -1068,9 +1063,10 @@ class PatchCore(AnomalyModel):
             raise ModelFileError("patchcore model: reference pool arrays hold bad values")
         self.ref_bank_ = rb.astype(np.float32)
         self.ref_peaks_ = rp.astype(np.float32)
-        # files written before the pool kept whole-image spreads: none
-        rs = arrays.get("ref_spread", np.zeros(0, np.float32))
-        if rs.shape not in ((0,), rp.shape) or not np.all(np.isfinite(rs)) or np.any(rs < 0):
+        # files written before the pool kept whole-image spreads: all 0, which reads
+        # every whole-image distance as it is
+        rs = arrays.get("ref_spread", np.zeros(rp.shape, np.float32))
+        if rs.shape != rp.shape or not np.all(np.isfinite(rs)) or np.any(rs < 0):
             raise ModelFileError("patchcore model: reference pool spreads malformed")
         self.ref_spread_ = rs.astype(np.float32)
         self.ref_images_ = ri.astype(np.int64)

@@ -75,18 +75,18 @@ def fit_products(
         names = list(dict.fromkeys(add))
     else:
         names = list(folders)
-    router = base.router if base is not None else ProductRouter()
-    detectors = dict(base.detectors) if base is not None else {}
+    if base is None:
+        model = ProductSet({}, ProductRouter())
+    else:
+        model = ProductSet(base.detectors, base.router, base.info)
     fitted: dict[str, FitResult] = {}
     for name in names:
         result = fit(settings, FitData(folders[name]), progress)
         result.detector.info["product"] = name
         fitted[name] = result
         images, _, _ = load_within(fit_images(folders[name]), settings.image_memory)
-        router.add(name, images)  # its descriptors only; the images go again
-        detectors[name] = result.detector
-    model = ProductSet(detectors, router)
-    model.info.update(base.info if base is not None else {}, data=str(root))
+        model.add(name, result.detector, images)  # the router keeps descriptors only
+    model.info["data"] = str(root)
     return ProductsResult(model, fitted, time.perf_counter() - t0)
 
 
