@@ -202,7 +202,7 @@ class PatchCore(AnomalyModel):
         nn_search: str = "auto",
         global_weight: float = 1.0,
         reference_k: int = 5,
-        reference_global: float = 0.5,
+        reference_global: float = 0.75,
         sigma: float = 12.0,
         context_size: int = 0,
         context_layers: list[str] | None = None,
