@@ -52,8 +52,10 @@ _SEARCH_CHECK = 2048
 _MIN_RECALL = 0.99
 #: training images (evenly spaced) whose leave-one-out peaks are the reference pool
 _REF_POOL = 200
-#: fewer training images than this: no reference pool (the peak is used as it is)
-_REF_MIN = 20
+#: the reference pool needs this many training images per neighbour asked
+#: (``reference_k``; 15 for 5): with fewer, an image's neighbours are much of the
+#: pool and their median is the pool's, give or take noise
+_REF_PER_NEIGHBOUR = 3
 #: bank neighbours searched for the nearest patch from another training image
 _LEFT_OUT_K = 16
 
@@ -602,7 +604,11 @@ class PatchCore(AnomalyModel):
         self._ref_index = None
         n = len(images)
         global_on = self.global_weight > 0 and len(descriptors) >= 3
-        refs_on = self.reference_k > 0 and not self.context_size and n >= _REF_MIN
+        refs_on = (
+            self.reference_k > 0
+            and not self.context_size
+            and n >= _REF_PER_NEIGHBOUR * self.reference_k
+        )
         if not (global_on or refs_on or self.context_size):
             return
         if global_on or refs_on:
