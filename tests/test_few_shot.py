@@ -147,6 +147,30 @@ def test_copies_the_part_does_not_allow_are_left_out() -> None:
     assert len(found.scores) == 6 * (1 + len(found.kept)) == len(found.maps)
 
 
+def test_copies_scoring_far_above_their_own_images_are_left_out_despite_an_odd_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One odd good image (another kind of surface) scores far above the rest left
+    out, so the largest plain score no longer bounds anything: mirrored copies of a
+    part lit from the left pass under it, but score several times their own images
+    and are still not pooled."""
+    rng = np.random.default_rng(5)
+    images = [_lit_from_the_left(rng) for _ in range(6)]
+    odd = np.clip(128 + rng.normal(0, 90, (96, 96, 3)), 0, 255).astype(np.uint8)
+    images.append(odd)
+    model = PatchCore(**FAST, photometric="none").fit(images)
+    monkeypatch.setattr(few_shot, "COPY_RATIO", float("inf"))
+    unguarded = left_out_scores(model, images)
+    assert "mirror-lr" in unguarded.kept  # under the odd image's score
+    assert unguarded.medians["mirror-lr"] < unguarded.plain.max()
+    monkeypatch.undo()
+    found = left_out_scores(model, images)
+    assert "mirror-lr" not in found.kept
+    assert "mirror-ud" in found.kept and "brighter" in found.kept
+    copies = np.array(found.copies["mirror-lr"])
+    assert np.median(copies / found.plain) > few_shot.COPY_RATIO
+
+
 def test_few_shot_maps_go_to_disk_above_the_memory_budget(
     surface_set: dict[str, list[np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
