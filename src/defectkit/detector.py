@@ -39,7 +39,12 @@ from defectkit.decide.calibration import (
     threshold_for_false_alarm_rate,
 )
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA, FEW_SHOT_BELOW
-from defectkit.decide.few_shot import counted_by_images, left_out_scores
+from defectkit.decide.few_shot import (
+    MIRROR_BANK_FROM,
+    counted_by_images,
+    left_out_scores,
+    memory_mirrors,
+)
 from defectkit.decide.map_store import SavedMaps
 from defectkit.decide.regions import Region, locate_regions
 from defectkit.decide.rescore import EVIDENCE, DefectRescorer
@@ -275,9 +280,12 @@ class Detector:
                 "a calibration fraction > 0 or calibration images"
             )
         if few_shot:
+            mirrors = det._mirror_memory(fit_set, progress)
             det._calibrate_left_out(
                 fit_set, false_alarm_rate, max_false_regions, min_region_area, map_memory, progress
             )
+            if mirrors is not None:
+                det.info["few_shot"]["memory_mirrors"] = mirrors
         if cal_set:
             cal_scores = det._calibrate(
                 cal_set, false_alarm_rate, max_false_regions, min_region_area, map_memory, progress
@@ -388,6 +396,24 @@ class Detector:
         )
         self.threshold = threshold
         return threshold
+
+    def _mirror_memory(self, images: Sequence[Image], progress: Progress | None) -> str | None:
+        """With ``mirror_bank="auto"`` and at least ``MIRROR_BANK_FROM`` images: the
+        mirrored copies that the part allows (those the few-shot calibration keeps)
+        join the memory bank, a refit; the setting chosen, or None where there is
+        no choice to make. Few images cover little of a part's variation, and a
+        mirrored part is often still a good one: at 8 good images mean image AUROC
+        0.806 against 0.796 (casting +0.035, magnetic-tile +0.014), at 16 0.844
+        against 0.839 (benchmarks/fewshot.py, three draws)."""
+        params = self.model.get_params()
+        if params.get("mirror_bank") != "auto" or len(images) < MIRROR_BANK_FROM:
+            return None
+        found = left_out_scores(self.model, images, progress, keep_maps=False)
+        chosen = memory_mirrors(found.kept)
+        self.model.set_params(mirror_bank=chosen)
+        if chosen != "none":
+            self.model.fit(images, progress=progress)
+        return chosen
 
     def _calibrate_left_out(
         self,

@@ -56,6 +56,14 @@ _REF_POOL = 200
 #: (``reference_k``; 15 for 5): with fewer, an image's neighbours are much of the
 #: pool and their median is the pool's, give or take noise
 _REF_PER_NEIGHBOUR = 3
+#: ``mirror_bank``: which mirrored copies of the training images join the fine bank
+_MIRRORS: dict[str, tuple[str, ...]] = {
+    "auto": (),  # none here; few-shot fits choose (Detector.fit, decide.few_shot)
+    "none": (),
+    "lr": ("lr",),
+    "ud": ("ud",),
+    "both": ("lr", "ud"),
+}
 #: bank neighbours searched for the nearest patch from another training image
 _LEFT_OUT_K = 16
 
@@ -219,6 +227,7 @@ class PatchCore(AnomalyModel):
         context_neighbourhood: int = 7,
         context_coreset_ratio: float = 0.02,
         context_map_weight: float = 0.3,
+        mirror_bank: str = "auto",
         batch_size: int = 4,
         seed: int = 0,
     ) -> None:
@@ -244,6 +253,7 @@ class PatchCore(AnomalyModel):
         self.context_neighbourhood = context_neighbourhood
         self.context_coreset_ratio = context_coreset_ratio
         self.context_map_weight = context_map_weight
+        self.mirror_bank = mirror_bank
         self.batch_size = batch_size
         self.seed = seed
         self._extractor: FeatureExtractor | None = None
@@ -269,6 +279,10 @@ class PatchCore(AnomalyModel):
             raise ConfigError(f"reference_k must be an integer >= 0, got {self.reference_k!r}")
         if not 0 <= self.reference_global <= 1:
             raise ConfigError(f"reference_global must be in [0, 1], got {self.reference_global}")
+        if self.mirror_bank not in _MIRRORS:
+            raise ConfigError(
+                f"mirror_bank must be one of {', '.join(_MIRRORS)}, got {self.mirror_bank!r}"
+            )
         if self.nn_search not in ("auto", "exact", "hnsw"):
             raise ConfigError(
                 f"nn_search must be 'auto', 'exact' or 'hnsw', got {self.nn_search!r}"
@@ -450,9 +464,12 @@ class PatchCore(AnomalyModel):
         self.input_aspect_ = (
             working_aspect(image_shapes(images)) if self.keep_aspect == "auto" else None
         )
+        mirrors = _MIRRORS[self.mirror_bank]
+        fine = _Mirrored(images, mirrors) if mirrors else images
         bank, origin, descriptors, self.fit_patches_, queries = self._fit_bank(
-            images, _FINE, self.coreset_ratio, progress
+            fine, _FINE, self.coreset_ratio, progress
         )
+        descriptors = descriptors[: len(images)]  # the images', not their copies'
         self.memory_bank_, self.bank_origin_ = bank, origin
         self.context_bank_ = self._context_origin = None
         if self.context_size:
@@ -555,7 +572,12 @@ class PatchCore(AnomalyModel):
             lo, hi = offsets[i], offsets[i + 1]
             feats[lo:hi] = e.reshape(-1, e.shape[-1])[take]
             rows, cols = np.divmod(take, w)
-            origin[lo:hi] = np.stack([np.full(len(take), i), rows, cols], axis=1)
+            src, flip = images.source(i) if isinstance(images, _Mirrored) else (i, None)
+            if flip == "lr":  # where the patch lies on its own image's grid
+                cols = w - 1 - cols
+            elif flip == "ud":
+                rows = h - 1 - rows
+            origin[lo:hi] = np.stack([np.full(len(take), src), rows, cols], axis=1)
         assert feats is not None
         n_keep = max(1, round(int(grids.sum()) * ratio))
         if scale == _FINE:  # a handful of images: their patches are not redundant
@@ -1107,3 +1129,27 @@ def _loaded_mask_head(arrays: dict[str, np.ndarray], part: Any) -> tuple[MaskHea
     head.load_state_dict(state)
     head.eval()
     return head, gain
+
+
+class _Mirrored(Sequence[Image]):
+    """The images, then each mirrored copy of them (``"lr"``: left to right, ``"ud"``:
+    top to bottom), made when asked for; ``source`` gives a copy's image and flip."""
+
+    def __init__(self, images: Sequence[Image], flips: Sequence[str]) -> None:
+        self._images, self._flips = images, tuple(flips)
+
+    def __len__(self) -> int:
+        return len(self._images) * (1 + len(self._flips))
+
+    def source(self, index: int) -> tuple[int, str | None]:
+        k, i = divmod(index, len(self._images))
+        return i, (None if k == 0 else self._flips[k - 1])
+
+    def __getitem__(self, index: int) -> Image:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        i, flip = self.source(index)
+        image = self._images[i]
+        if flip is None:
+            return image
+        return np.ascontiguousarray(image[:, ::-1] if flip == "lr" else image[::-1])
