@@ -261,3 +261,51 @@ def test_cli_calibrate_replaces_the_few_shot_calibration(
     det = Detector.load(out)
     assert "few_shot" not in det.info
     assert not det.threshold.left_out and det.threshold.n_good == len(surface_set["good"])
+
+
+def test_mirrored_bank_patches_point_at_their_place_in_the_training_image() -> None:
+    """Each bank patch from a mirrored copy is recorded at the spot of its own
+    training image that it shows, so evidence names the right place."""
+    rng = np.random.default_rng(3)
+    images = [_lit_from_the_left(rng) for _ in range(3)]
+    settings = {**FAST, "coreset_ratio": 1.0, "photometric": "none", "mirror_bank": "both"}
+    model = PatchCore(**settings)
+    model.fit(images)
+    plain = model._embed_batches(images, None, "test")
+    lr = model._embed_batches([im[:, ::-1].copy() for im in images], None, "test")
+    ud = model._embed_batches([im[::-1].copy() for im in images], None, "test")
+    h, w = plain[0].shape[:2]
+    assert len(model.memory_bank_) == 3 * 3 * h * w  # every patch of images and copies
+    found = {"plain": 0, "lr": 0, "ud": 0}
+    for feat, (i, r, c) in zip(model.memory_bank_, model.bank_origin_, strict=True):
+        for name, emb, (rr, cc) in (
+            ("plain", plain, (r, c)),
+            ("lr", lr, (r, w - 1 - c)),
+            ("ud", ud, (h - 1 - r, c)),
+        ):
+            if np.array_equal(feat, emb[int(i)][rr, cc]):
+                found[name] += 1
+                break
+    assert found == {"plain": 3 * h * w, "lr": 3 * h * w, "ud": 3 * h * w}
+    with pytest.raises(ConfigError, match="mirror_bank must be one of"):
+        PatchCore(**{**settings, "mirror_bank": "diagonal"}).fit(images)
+
+
+def test_few_shot_puts_the_mirrors_the_part_allows_in_the_memory() -> None:
+    """From ``MIRROR_BANK_FROM`` images, the mirrors the calibration keeps join the
+    bank (a part lit from the left: top-to-bottom only); below it, none do."""
+    rng = np.random.default_rng(5)
+    images = [_lit_from_the_left(rng) for _ in range(few_shot.MIRROR_BANK_FROM)]
+    settings = {**FAST, "photometric": "none"}
+    det = Detector.fit(images, "patchcore", settings)
+    few = det.info["few_shot"]
+    assert few["memory_mirrors"] == "ud" == det.model.get_params()["mirror_bank"]
+    assert "mirror-lr" not in few["copies_kept"]
+    plain = PatchCore(**settings, mirror_bank="none").fit(images)
+    assert len(det.model.memory_bank_) > len(plain.memory_bank_)
+    fewer = Detector.fit(images[:-1], "patchcore", settings)
+    assert "memory_mirrors" not in fewer.info["few_shot"]
+    assert fewer.model.get_params()["mirror_bank"] == "auto"
+    fixed = Detector.fit(images, "patchcore", {**settings, "mirror_bank": "none"})
+    assert "memory_mirrors" not in fixed.info["few_shot"]
+    assert len(fixed.model.memory_bank_) == len(plain.memory_bank_)
