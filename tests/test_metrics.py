@@ -333,7 +333,9 @@ def test_image_auroc_properties(labels, data, transform):
     assert 0.0 <= value <= 1.0
     assert image_auroc(labels, transform(scores)) == pytest.approx(value, abs=1e-12)
     assert image_auroc(labels, -scores) == pytest.approx(1.0 - value, abs=1e-12)
-    assert image_auroc(labels, np.array(labels) * 10.0 + scores / 100) == pytest.approx(1.0, abs=1e-12)
+    assert image_auroc(labels, np.array(labels) * 10.0 + scores / 100) == pytest.approx(
+        1.0, abs=1e-12
+    )
     assert f1_max(labels, transform(scores))[0] == pytest.approx(f1_max(labels, scores)[0])
 
 
