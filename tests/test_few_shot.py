@@ -309,3 +309,18 @@ def test_few_shot_puts_the_mirrors_the_part_allows_in_the_memory() -> None:
     fixed = Detector.fit(images, "patchcore", {**settings, "mirror_bank": "none"})
     assert "memory_mirrors" not in fixed.info["few_shot"]
     assert len(fixed.model.memory_bank_) == len(plain.memory_bank_)
+
+
+def test_scoring_only_some_kinds_of_copy_gives_their_same_scores_and_choices() -> None:
+    """The mirror choice scores the mirrors alone: each kind is judged on its own,
+    so its scores and whether it is kept do not depend on the other kinds."""
+    rng = np.random.default_rng(5)
+    images = [_lit_from_the_left(rng) for _ in range(6)]
+    model = PatchCore(**FAST, photometric="none").fit(images)
+    every = left_out_scores(model, images)
+    mirrors = left_out_scores(model, images, keep_maps=False, only=few_shot.MIRROR_KINDS)
+    assert set(mirrors.copies) == set(few_shot.MIRROR_KINDS)
+    for kind in few_shot.MIRROR_KINDS:
+        np.testing.assert_allclose(mirrors.copies[kind], every.copies[kind])
+    assert mirrors.kept == [k for k in every.kept if k in few_shot.MIRROR_KINDS]
+    assert len(mirrors.maps) == 0 and len(mirrors.scores) == 6 * (1 + len(mirrors.kept))

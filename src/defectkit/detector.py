@@ -41,6 +41,7 @@ from defectkit.decide.calibration import (
 from defectkit.decide.defaults import DEFAULT_MAX_FALSE_REGIONS, DEFAULT_MIN_AREA, FEW_SHOT_BELOW
 from defectkit.decide.few_shot import (
     MIRROR_BANK_FROM,
+    MIRROR_KINDS,
     counted_by_images,
     left_out_scores,
     memory_mirrors,
@@ -408,7 +409,7 @@ class Detector:
         params = self.model.get_params()
         if params.get("mirror_bank") != "auto" or len(images) < MIRROR_BANK_FROM:
             return None
-        found = left_out_scores(self.model, images, progress, keep_maps=False)
+        found = left_out_scores(self.model, images, progress, keep_maps=False, only=MIRROR_KINDS)
         chosen = memory_mirrors(found.kept)
         self.model.set_params(mirror_bank=chosen)
         if chosen != "none":

@@ -112,6 +112,7 @@ def left_out_scores(
     map_memory: int | None = None,
     stack: ExitStack | None = None,
     keep_maps: bool = True,
+    only: Sequence[str] | None = None,
 ) -> LeftOutScores:
     """Leave-one-out scores of the fitted ``images`` and of their kept copies.
 
@@ -121,9 +122,14 @@ def left_out_scores(
     a temporary folder removed when ``stack`` closes (same values, read back when
     the pixel threshold counts regions): 63 images of 900 x 900 px and six kinds
     of copy are 1.4 GB of maps. ``keep_maps`` False: scores only (no maps).
+    ``only``: these kinds of copy alone (each kind is kept or not on its own).
     """
     n = len(images)
-    kinds = [name for name, (_, single) in AUGMENTATIONS.items() if n >= 2 or single]
+    kinds = [
+        name
+        for name, (_, single) in AUGMENTATIONS.items()
+        if (n >= 2 or single) and (only is None or name in only)
+    ]
     shapes = image_shapes(images)
     per_query = (1 + len(kinds)) if n >= 2 else len(kinds)
     total = per_query * sum(h * w * 4 for h, w in shapes)
@@ -189,6 +195,7 @@ class _Picked(Sequence[np.ndarray]):
 MIRROR_BANK_FROM = 8
 #: kinds of copy that are mirrors, and their ``mirror_bank`` flip
 _FLIPS = {"mirror-lr": "lr", "mirror-ud": "ud"}
+MIRROR_KINDS = tuple(_FLIPS)
 
 
 def memory_mirrors(kept: Sequence[str]) -> str:
