@@ -106,9 +106,11 @@ class ImageFiles(Sequence[np.ndarray]):
 
 
 def image_shapes(images: Sequence[np.ndarray]) -> list[tuple[int, int]]:
-    """(height, width) of each image, without decoding an :class:`ImageFiles`."""
-    if isinstance(images, ImageFiles):
-        return images.shapes
+    """(height, width) of each image, without decoding an :class:`ImageFiles` or
+    making the images of another lazy sequence that records its ``shapes``."""
+    shapes = getattr(images, "shapes", None)
+    if shapes is not None:
+        return list(shapes)
     return [(int(img.shape[0]), int(img.shape[1])) for img in images]
 
 

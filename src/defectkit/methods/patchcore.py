@@ -1151,6 +1151,11 @@ class _Mirrored(Sequence[Image]):
     def __len__(self) -> int:
         return len(self._images) * (1 + len(self._flips))
 
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each image and copy, without making the copies."""
+        return image_shapes(self._images) * (1 + len(self._flips))
+
     def source(self, index: int) -> tuple[int, str | None]:
         k, i = divmod(index, len(self._images))
         return i, (None if k == 0 else self._flips[k - 1])
